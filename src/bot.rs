@@ -1,0 +1,533 @@
+//! Talking to the bot: one connection per code, one message each way.
+//!
+//! The relay sends `{"state": S, "code": C}`, shuts down its write side so
+//! the bot's `await reader.read()` sees EOF, then reads the bot's
+//! `{"success": bool, "message": str}` to EOF. Every step shares one
+//! deadline, so a hung bot costs a player at most `REGISTER_BOT_TIMEOUT`.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{BotAddr, Config, Wire};
+
+/// Largest reply read from the bot; anything longer is not a reply.
+pub const MAX_REPLY: usize = 64 * 1024;
+
+/// The bot's answer about one code.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BotReply {
+    pub success: bool,
+    pub message: String,
+}
+
+/// Why no answer came from the bot. Each maps to one HTTP status.
+#[derive(Debug)]
+pub enum BotError {
+    /// Nothing accepted the connection within the retry window: the code
+    /// was never sent, so the player can simply try again.
+    Unavailable(io::Error),
+    /// No full answer before the deadline.
+    Timeout,
+    /// The bot closed the connection, or reset it, before a full answer.
+    Closed,
+    /// The bot answered with something that is not a reply.
+    Invalid(String),
+    /// The answer was longer than [`MAX_REPLY`].
+    TooLarge,
+}
+
+impl BotError {
+    pub fn status(&self) -> u16 {
+        match self {
+            BotError::Unavailable(_) => 503,
+            BotError::Timeout => 504,
+            BotError::Closed | BotError::Invalid(_) | BotError::TooLarge => 502,
+        }
+    }
+
+    /// A short name for the log line.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            BotError::Unavailable(_) => "bot-unavailable",
+            BotError::Timeout => "bot-timeout",
+            BotError::Closed => "bot-closed",
+            BotError::Invalid(_) => "bot-invalid-reply",
+            BotError::TooLarge => "bot-reply-too-large",
+        }
+    }
+}
+
+impl fmt::Display for BotError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BotError::Unavailable(e) => write!(f, "bot not reachable: {e}"),
+            BotError::Timeout => write!(f, "bot did not answer in time"),
+            BotError::Closed => write!(f, "bot closed the connection without an answer"),
+            BotError::Invalid(why) => write!(f, "bot answered something unreadable: {why}"),
+            BotError::TooLarge => write!(f, "bot answer longer than {MAX_REPLY} bytes"),
+        }
+    }
+}
+
+impl std::error::Error for BotError {}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    state: &'a str,
+    code: &'a str,
+}
+
+/// The message for one code, in the configured wire format.
+pub fn encode(wire: Wire, state: &str, code: &str) -> Vec<u8> {
+    let msg = Message { state, code };
+    let encoded = match wire {
+        Wire::Json => serde_json::to_vec(&msg).map_err(|e| e.to_string()),
+        // Protocol 3 is what every Python 3 reads; the struct becomes a
+        // dict of str to str, as the Flask relay's pickle.dumps made.
+        Wire::Pickle => {
+            serde_pickle::to_vec(&msg, serde_pickle::SerOptions::new()).map_err(|e| e.to_string())
+        }
+    };
+    // Two strings into a map cannot fail to serialize in either format.
+    encoded.unwrap_or_default()
+}
+
+/// Reads the bot's reply. Unknown fields are ignored; a pickle is read as
+/// plain data only (no classes, no callables), so a reply cannot run code.
+pub fn decode(wire: Wire, bytes: &[u8]) -> Result<BotReply, BotError> {
+    if bytes.is_empty() {
+        return Err(BotError::Closed);
+    }
+    match wire {
+        Wire::Json => serde_json::from_slice(bytes).map_err(|e| BotError::Invalid(e.to_string())),
+        Wire::Pickle => serde_pickle::from_slice(bytes, serde_pickle::DeOptions::new())
+            .map_err(|e| BotError::Invalid(e.to_string())),
+    }
+}
+
+/// Delivers one code to the bot and returns its answer, all within
+/// `config.bot_timeout`.
+pub fn exchange(config: &Config, state: &str, code: &str) -> Result<BotReply, BotError> {
+    let deadline = Instant::now() + config.bot_timeout;
+    let mut conn = connect(&config.bot_addr, config.bot_retry, deadline)?;
+    let message = encode(config.wire, state, code);
+    let reply = talk(&mut conn, &message, deadline)?;
+    decode(config.wire, &reply)
+}
+
+fn talk(conn: &mut Conn, message: &[u8], deadline: Instant) -> Result<Vec<u8>, BotError> {
+    conn.set_write_timeout(remaining(deadline)?)
+        .map_err(io_error)?;
+    conn.write_all(message).map_err(io_error)?;
+    // The bot reads to EOF, so the half-close is what makes it answer.
+    conn.shutdown_write().map_err(io_error)?;
+    let mut reply = Vec::with_capacity(256);
+    let mut buf = [0u8; 8192];
+    loop {
+        conn.set_read_timeout(remaining(deadline)?)
+            .map_err(io_error)?;
+        let n = match conn.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_error(e)),
+        };
+        if n == 0 {
+            return Ok(reply);
+        }
+        if reply.len() + n > MAX_REPLY {
+            return Err(BotError::TooLarge);
+        }
+        reply.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Time left before the deadline, never zero (a zero timeout means
+/// "block forever" to the socket API).
+fn remaining(deadline: Instant) -> Result<Duration, BotError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left < Duration::from_millis(1) {
+        Err(BotError::Timeout)
+    } else {
+        Ok(left)
+    }
+}
+
+fn io_error(e: io::Error) -> BotError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => BotError::Timeout,
+        _ => BotError::Closed,
+    }
+}
+
+/// Connects, retrying refusals until `retry` has passed, because a bot
+/// that is restarting refuses for a second or two and a player's click
+/// should survive that.
+fn connect(addr: &BotAddr, retry: Duration, deadline: Instant) -> Result<Conn, BotError> {
+    let retry_until = Instant::now() + retry;
+    let mut pause = Duration::from_millis(25);
+    loop {
+        let left = remaining(deadline)?;
+        let result = match addr {
+            BotAddr::Tcp(addrs) => connect_tcp(addrs, left).map(Conn::Tcp),
+            BotAddr::Unix(path) => connect_unix(path, left).map(Conn::Unix),
+        };
+        match result {
+            Ok(conn) => return Ok(conn),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(BotError::Timeout);
+            }
+            Err(e) => {
+                let now = Instant::now();
+                if !retryable(&e) || now + pause > retry_until || now + pause >= deadline {
+                    return Err(BotError::Unavailable(e));
+                }
+                thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(250));
+            }
+        }
+    }
+}
+
+fn retryable(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound | io::ErrorKind::ConnectionReset
+    )
+}
+
+fn connect_tcp(addrs: &[SocketAddr], timeout: Duration) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no address");
+    for addr in addrs {
+        match TcpStream::connect_timeout(addr, timeout) {
+            Ok(s) => {
+                // One small write each way: Nagle would only add delay.
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// A Unix socket connect blocks while the bot's accept backlog is full,
+/// and std offers no timeout for it, so it is done non-blocking and
+/// bounded by `poll`.
+fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= sa.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in sa.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: sa is a valid sockaddr_un of length len.
+    let rc = unsafe { libc::connect(fd, &sa as *const _ as *const libc::sockaddr, len) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EAGAIN) && err.raw_os_error() != Some(libc::EINPROGRESS)
+        {
+            return Err(err);
+        }
+        wait_writable(owned.as_raw_fd(), timeout)?;
+        let mut so_error: libc::c_int = 0;
+        let mut so_len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: valid fd and out-pointers of the right size.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                &mut so_error as *mut _ as *mut libc::c_void,
+                &mut so_len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if so_error != 0 {
+            return Err(io::Error::from_raw_os_error(so_error));
+        }
+    }
+    let stream = UnixStream::from(owned);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+fn wait_writable(fd: std::os::fd::RawFd, timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc > 0 {
+            return Ok(());
+        }
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+}
+
+enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    fn set_read_timeout(&self, t: Duration) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_read_timeout(Some(t)),
+            Conn::Unix(s) => s.set_read_timeout(Some(t)),
+        }
+    }
+
+    fn set_write_timeout(&self, t: Duration) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_write_timeout(Some(t)),
+            Conn::Unix(s) => s.set_write_timeout(Some(t)),
+        }
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.shutdown(Shutdown::Write),
+            Conn::Unix(s) => s.shutdown(Shutdown::Write),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn json_round_trip() {
+        let bytes = encode(Wire::Json, "st=", "co\"de");
+        assert_eq!(bytes, br#"{"state":"st=","code":"co\"de"}"#);
+        let reply = decode(
+            Wire::Json,
+            br#"{"success":true,"message":"hi <b>","extra":[1]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            reply,
+            BotReply {
+                success: true,
+                message: "hi <b>".into()
+            }
+        );
+    }
+
+    #[test]
+    fn json_rejects_wrong_shapes() {
+        for bad in [
+            &b"null"[..],
+            b"{}",
+            br#"{"success":"yes","message":"m"}"#,
+            br#"{"success":true}"#,
+            b"not json{",
+        ] {
+            assert!(
+                matches!(decode(Wire::Json, bad), Err(BotError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(decode(Wire::Json, b""), Err(BotError::Closed)));
+    }
+
+    #[test]
+    fn pickle_request_is_a_python_dict() {
+        let bytes = encode(Wire::Pickle, "s", "c");
+        // PROTO 3 header, then a dict built of the two short strings.
+        assert_eq!(&bytes[..2], b"\x80\x03");
+        let back: std::collections::BTreeMap<String, String> =
+            serde_pickle::from_slice(&bytes, serde_pickle::DeOptions::new()).unwrap();
+        assert_eq!(back.get("state").map(String::as_str), Some("s"));
+        assert_eq!(back.get("code").map(String::as_str), Some("c"));
+    }
+
+    #[test]
+    fn pickle_reply_from_python() {
+        // pickle.dumps({'success': True, 'message': 'ok'}) on Python 3.11 (protocol 4).
+        let py = b"\x80\x04\x95\x1f\x00\x00\x00\x00\x00\x00\x00}\x94(\x8c\x07success\x94\x88\x8c\x07message\x94\x8c\x02ok\x94u.";
+        assert_eq!(
+            decode(Wire::Pickle, py).unwrap(),
+            BotReply {
+                success: true,
+                message: "ok".into()
+            }
+        );
+    }
+
+    #[test]
+    fn pickle_reply_cannot_name_a_callable() {
+        // pickle.dumps of os.system('true'): a GLOBAL plus a REDUCE.
+        let evil = b"cos\nsystem\n(Vtrue\ntR.";
+        assert!(matches!(
+            decode(Wire::Pickle, evil),
+            Err(BotError::Invalid(_))
+        ));
+    }
+
+    fn config_for(addr: BotAddr, timeout_ms: u64, retry_ms: u64) -> Config {
+        let mut c = Config::from_lookup(|_| None).unwrap();
+        c.bot_addr = addr;
+        c.bot_timeout = Duration::from_millis(timeout_ms);
+        c.bot_retry = Duration::from_millis(retry_ms);
+        c
+    }
+
+    #[test]
+    fn refused_past_retry_is_unavailable() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let c = config_for(BotAddr::Tcp(vec![port]), 2000, 100);
+        let started = Instant::now();
+        let err = exchange(&c, "s", "c").unwrap_err();
+        assert!(matches!(err, BotError::Unavailable(_)), "{err}");
+        assert_eq!(err.status(), 503);
+        assert!(started.elapsed() < Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn missing_unix_socket_is_unavailable() {
+        let c = config_for(BotAddr::Unix("/nonexistent/bot.sock".into()), 500, 0);
+        assert!(matches!(
+            exchange(&c, "s", "c"),
+            Err(BotError::Unavailable(_))
+        ));
+    }
+
+    #[test]
+    fn in_thread_peer_over_tcp_and_unix() {
+        fn serve(mut s: impl Read + Write) -> Vec<u8> {
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            s.write_all(br#"{"success":false,"message":"already"}"#)
+                .unwrap();
+            got
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = thread::spawn(move || serve(listener.accept().unwrap().0));
+        let c = config_for(BotAddr::Tcp(vec![addr]), 5000, 0);
+        let reply = exchange(&c, "st", "co").unwrap();
+        assert!(!reply.success);
+        assert_eq!(peer.join().unwrap(), br#"{"state":"st","code":"co"}"#);
+
+        let dir = std::env::temp_dir().join(format!("tr-bot-test-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("bot.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let peer = thread::spawn(move || serve(listener.accept().unwrap().0));
+        let c = config_for(BotAddr::Unix(path.clone()), 5000, 0);
+        assert_eq!(exchange(&c, "a", "b").unwrap().message, "already");
+        assert_eq!(peer.join().unwrap(), br#"{"state":"a","code":"b"}"#);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn silent_peer_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            thread::sleep(Duration::from_millis(600));
+            drop(s);
+        });
+        let c = config_for(BotAddr::Tcp(vec![addr]), 200, 0);
+        let err = exchange(&c, "s", "c").unwrap_err();
+        assert!(matches!(err, BotError::Timeout), "{err}");
+        assert_eq!(err.status(), 504);
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn oversize_reply() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            let _ = s.write_all(&vec![b' '; MAX_REPLY + 1]);
+        });
+        let c = config_for(BotAddr::Tcp(vec![addr]), 5000, 0);
+        assert!(matches!(exchange(&c, "s", "c"), Err(BotError::TooLarge)));
+        peer.join().unwrap();
+    }
+}

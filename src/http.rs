@@ -1,0 +1,131 @@
+//! The two plain types every transport speaks: what arrived and what goes back.
+//!
+//! CGI and FastCGI hand the program the same params (REQUEST_METHOD,
+//! QUERY_STRING, PATH_INFO), so both adapters build a [`Request`] and print a
+//! [`Response`] in CGI form; the pipeline never sees a socket.
+
+use std::io::{self, Write};
+
+/// The parts of a CGI-style request the relay looks at, kept as raw bytes:
+/// a web server passes header values through unchanged, and one stray
+/// Latin-1 byte must not cost the player the query string.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Request {
+    pub method: Vec<u8>,
+    pub path_info: Vec<u8>,
+    pub query: Vec<u8>,
+}
+
+impl Request {
+    /// Builds a request from CGI/FastCGI name-value pairs, ignoring the rest.
+    pub fn from_params<'a, I>(params: I) -> Request
+    where
+        I: IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    {
+        let mut req = Request::default();
+        for (name, value) in params {
+            match name {
+                b"REQUEST_METHOD" => req.method = value.to_vec(),
+                b"PATH_INFO" => req.path_info = value.to_vec(),
+                b"QUERY_STRING" => req.query = value.to_vec(),
+                _ => {}
+            }
+        }
+        req
+    }
+
+    pub fn is_head(&self) -> bool {
+        self.method == b"HEAD"
+    }
+}
+
+/// A finished answer: status, headers and body, ready to print.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Writes the response in CGI form (`Status:` line, headers, blank
+    /// line, body), which both CGI stdout and FastCGI STDOUT carry.
+    /// With `head_only` the body is left out but Content-Length still
+    /// tells its size, as HTTP asks of a HEAD answer.
+    pub fn write_cgi<W: Write>(&self, out: &mut W, head_only: bool) -> io::Result<()> {
+        write!(out, "Status: {} {}\r\n", self.status, reason(self.status))?;
+        for (name, value) in &self.headers {
+            write!(out, "{name}: {value}\r\n")?;
+        }
+        write!(out, "Content-Length: {}\r\n\r\n", self.body.len())?;
+        if !head_only {
+            out.write_all(&self.body)?;
+        }
+        Ok(())
+    }
+
+    /// The CGI form as one buffer, so a transport can send it in one write.
+    pub fn to_cgi_bytes(&self, head_only: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.body.len() + 512);
+        // Writing into a Vec cannot fail.
+        let _ = self.write_cgi(&mut out, head_only);
+        out
+    }
+}
+
+/// The reason phrase for every status this program sends.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        414 => "URI Too Long",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_are_taken_as_bytes() {
+        let ua: &[u8] = b"caf\xe9";
+        let req = Request::from_params([
+            (&b"HTTP_USER_AGENT"[..], ua),
+            (&b"REQUEST_METHOD"[..], &b"GET"[..]),
+            (&b"QUERY_STRING"[..], &b"code=a&state=b"[..]),
+        ]);
+        assert_eq!(req.method, b"GET");
+        assert_eq!(req.query, b"code=a&state=b");
+        assert!(req.path_info.is_empty());
+    }
+
+    #[test]
+    fn cgi_form_has_status_headers_and_length() {
+        let resp = Response {
+            status: 404,
+            headers: vec![("Content-Type", "text/plain".into())],
+            body: b"nope".to_vec(),
+        };
+        let text = String::from_utf8(resp.to_cgi_bytes(false)).unwrap();
+        assert_eq!(
+            text,
+            "Status: 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 4\r\n\r\nnope"
+        );
+        let head = String::from_utf8(resp.to_cgi_bytes(true)).unwrap();
+        assert!(head.ends_with("Content-Length: 4\r\n\r\n"));
+    }
+}
