@@ -138,3 +138,132 @@ pub fn fingerprint(code: &str) -> String {
     let digest = Sha256::digest(code.as_bytes());
     digest.iter().take(4).map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn relay() -> Relay {
+        let mut config = Config::from_lookup(|_| None).unwrap_or_else(|e| panic!("{e}"));
+        config.state_dir = None;
+        Relay::new(config).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn get(query: &str) -> Request {
+        Request {
+            method: b"GET".to_vec(),
+            path_info: Vec::new(),
+            query: query.as_bytes().to_vec(),
+        }
+    }
+
+    fn body(r: &Response) -> String {
+        String::from_utf8_lossy(&r.body).into_owned()
+    }
+
+    /// Runs a request with a bot that answers `answer` and records what it got.
+    fn run(
+        req: &Request,
+        answer: Result<BotReply, BotError>,
+    ) -> (Response, Option<(String, String)>) {
+        let got = Cell::new(None);
+        let resp = relay().handle_with(req, |state, code| {
+            got.set(Some((state.to_string(), code.to_string())));
+            answer
+        });
+        (resp, got.into_inner())
+    }
+
+    fn reply(success: bool, message: &str) -> Result<BotReply, BotError> {
+        Ok(BotReply {
+            success,
+            message: message.into(),
+        })
+    }
+
+    #[test]
+    fn approved_and_refused_reach_the_bot_once_and_show_its_message() {
+        let (r, got) = run(&get("code=C1&state=S%3D"), reply(true, "Welcome aboard"));
+        assert_eq!(got, Some(("S=".into(), "C1".into())));
+        assert_eq!(r.status, 200);
+        assert!(body(&r).contains("Welcome aboard"));
+        assert!(body(&r).contains("aria-label=\"Success\""));
+
+        let (r, got) = run(
+            &get("code=C2&state=S="),
+            reply(false, "You're already signed up!"),
+        );
+        assert_eq!(got, Some(("S=".into(), "C2".into())));
+        assert_eq!(r.status, 200);
+        assert!(body(&r).contains("You&#x27;re already signed up!"));
+        assert!(body(&r).contains("aria-label=\"Failure\""));
+    }
+
+    #[test]
+    fn bad_requests_never_reach_the_bot() {
+        let cases: [(&[u8], &[u8], &str, u16); 9] = [
+            (b"GET", b"", "state=s", 400),
+            (b"GET", b"", "code=&state=s", 400),
+            (b"GET", b"", "code=a&code=b&state=s", 400),
+            (b"GET", b"", "code=%zz&state=s", 400),
+            (b"GET", b"", "code=%ff&state=s", 400),
+            (b"POST", b"", "code=c&state=s", 405),
+            (b"GET", b"/x", "code=c&state=s", 404),
+            (b"HEAD", b"", "code=c&state=s", 200),
+            (
+                b"GET",
+                b"",
+                "error=access_denied&error_description=no&state=s",
+                200,
+            ),
+        ];
+        for (method, path, query, status) in cases {
+            let req = Request {
+                method: method.to_vec(),
+                path_info: path.to_vec(),
+                query: query.as_bytes().to_vec(),
+            };
+            let (r, got) = run(&req, reply(true, "should not be shown"));
+            assert_eq!(got, None, "{query}");
+            assert_eq!(r.status, status, "{query}");
+            assert!(!body(&r).contains("should not be shown"));
+        }
+        let long = format!("code={}&state=s", "c".repeat(4097));
+        assert_eq!(run(&get(&long), reply(true, "")).0.status, 400);
+        let longer = format!("code=c&state=s&x={}", "c".repeat(9000));
+        assert_eq!(run(&get(&longer), reply(true, "")).0.status, 414);
+    }
+
+    #[test]
+    fn cancel_says_so() {
+        let (r, _) = run(&get("error=access_denied&state=s"), reply(true, ""));
+        assert!(body(&r).contains("cancelled"));
+    }
+
+    #[test]
+    fn bot_failures_map_to_gateway_statuses() {
+        let refused = BotError::Unavailable(std::io::ErrorKind::ConnectionRefused.into());
+        let cases = [
+            (refused, 503),
+            (BotError::Timeout, 504),
+            (BotError::Closed, 502),
+            (BotError::Invalid("x".into()), 502),
+            (BotError::TooLarge, 502),
+        ];
+        for (err, status) in cases {
+            let (r, got) = run(&get("code=secretcode&state=secretstate"), Err(err));
+            assert!(got.is_some());
+            assert_eq!(r.status, status);
+            let b = body(&r);
+            assert!(!b.contains("secretcode") && !b.contains("secretstate"));
+            assert_eq!(b.contains("Try again"), status == 503);
+        }
+    }
+
+    #[test]
+    fn fingerprint_is_eight_hex_digits_of_sha256() {
+        // sha256("abc") = ba7816bf...
+        assert_eq!(fingerprint("abc"), "ba7816bf");
+    }
+}

@@ -1,0 +1,381 @@
+//! Property tests: whatever bytes arrive on a FastCGI connection,
+//! `serve_connection` returns (no panic, no hang), calls the handler at most
+//! once per BEGIN_REQUEST, and writes only well-formed records.
+
+use std::cell::Cell;
+use std::io::{self, Read, Write};
+
+use proptest::prelude::*;
+use tourney_register::fastcgi::{
+    self, ABORT_REQUEST, BEGIN_REQUEST, END_REQUEST, FLAG_KEEP_CONN, GET_VALUES, HEADER_LEN,
+    Limits, PARAMS, ROLE_RESPONDER, STDIN, STDOUT,
+};
+use tourney_register::http::{Request, Response};
+
+/// Input from a byte string handed out in chunks of set sizes (cycled),
+/// output into a Vec.
+struct Duplex {
+    input: Vec<u8>,
+    pos: usize,
+    chunks: Vec<usize>,
+    reads: usize,
+    output: Vec<u8>,
+}
+
+impl Duplex {
+    fn new(input: Vec<u8>, chunks: Vec<usize>) -> Duplex {
+        Duplex {
+            input,
+            pos: 0,
+            chunks,
+            reads: 0,
+            output: Vec::new(),
+        }
+    }
+}
+
+impl Read for Duplex {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let chunk = match self.chunks.as_slice() {
+            [] => usize::MAX,
+            sizes => sizes[self.reads % sizes.len()],
+        };
+        self.reads += 1;
+        let rest = &self.input[self.pos..];
+        let n = buf.len().min(chunk).min(rest.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Write for Duplex {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Outcome {
+    result: io::Result<()>,
+    calls: usize,
+    output: Vec<u8>,
+}
+
+fn serve_chunked(input: Vec<u8>, chunks: Vec<usize>, limits: &Limits) -> Outcome {
+    let calls = Cell::new(0);
+    let handler = |req: &Request| {
+        calls.set(calls.get() + 1);
+        Response {
+            status: 200,
+            headers: vec![("Content-Type", "text/plain".into())],
+            body: req.query.clone(),
+        }
+    };
+    let mut duplex = Duplex::new(input, chunks);
+    let result = fastcgi::serve_connection(&mut duplex, &handler, limits);
+    Outcome {
+        result,
+        calls: calls.get(),
+        output: duplex.output,
+    }
+}
+
+fn serve(input: Vec<u8>, limits: &Limits) -> Outcome {
+    serve_chunked(input, Vec::new(), limits)
+}
+
+/// The records a reader would frame in `bytes`, up to the first bad or
+/// cut-off one: an upper bound on what the server can have acted on.
+fn framed(mut bytes: &[u8]) -> Vec<fastcgi::Header> {
+    let mut headers = Vec::new();
+    while let Some((raw, rest)) = bytes.split_first_chunk::<HEADER_LEN>() {
+        let Some(h) = fastcgi::parse_header(raw) else {
+            break;
+        };
+        headers.push(h);
+        let len = usize::from(h.content_length) + usize::from(h.padding_length);
+        bytes = rest.get(len..).unwrap_or_default();
+    }
+    headers
+}
+
+fn begins(bytes: &[u8]) -> usize {
+    framed(bytes)
+        .iter()
+        .filter(|h| h.kind == BEGIN_REQUEST && h.request_id != 0)
+        .count()
+}
+
+/// The output must be whole, version 1, unpadded records only of the
+/// types a responder sends.
+fn assert_well_formed(output: &[u8]) -> Result<(), TestCaseError> {
+    let mut bytes = output;
+    while !bytes.is_empty() {
+        let (raw, rest) = bytes
+            .split_first_chunk::<HEADER_LEN>()
+            .ok_or_else(|| fail("cut header"))?;
+        let h = fastcgi::parse_header(raw).ok_or_else(|| fail("bad version"))?;
+        prop_assert_eq!(h.padding_length, 0);
+        prop_assert!(
+            [
+                STDOUT,
+                END_REQUEST,
+                fastcgi::GET_VALUES_RESULT,
+                fastcgi::UNKNOWN_TYPE
+            ]
+            .contains(&h.kind),
+            "unexpected type {}",
+            h.kind
+        );
+        bytes = rest
+            .get(usize::from(h.content_length)..)
+            .ok_or_else(|| fail("cut content"))?;
+    }
+    Ok(())
+}
+
+fn fail(why: &str) -> TestCaseError {
+    TestCaseError::fail(why.to_string())
+}
+
+fn limits() -> impl Strategy<Value = Limits> {
+    (
+        prop_oneof![Just(64 * 1024), 0usize..64],
+        prop_oneof![Just(64 * 1024), 0usize..64],
+        0usize..100,
+    )
+        .prop_map(|(p, s, c)| Limits {
+            max_params_bytes: p,
+            max_stdin_bytes: s,
+            max_conns: c,
+        })
+}
+
+fn begin_body(role: u16, keep_conn: bool) -> Vec<u8> {
+    let [r0, r1] = role.to_be_bytes();
+    vec![
+        r0,
+        r1,
+        if keep_conn { FLAG_KEEP_CONN } else { 0 },
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]
+}
+
+fn pairs_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let name = prop_oneof![
+        Just(b"REQUEST_METHOD".to_vec()),
+        Just(b"QUERY_STRING".to_vec()),
+        Just(b"PATH_INFO".to_vec()),
+        prop::collection::vec(any::<u8>(), 0..8),
+    ];
+    let value = prop_oneof![
+        Just(b"GET".to_vec()),
+        Just(b"HEAD".to_vec()),
+        prop::collection::vec(any::<u8>(), 0..200),
+    ];
+    prop::collection::vec((name, value), 0..5).prop_map(|pairs| {
+        let mut out = Vec::new();
+        for (n, v) in pairs {
+            assert!(fastcgi::encode_pair(&n, &v, &mut out));
+        }
+        out
+    })
+}
+
+/// One record, mostly of the kinds a web server sends, in plausible order
+/// or not.
+fn record() -> impl Strategy<Value = Vec<u8>> {
+    let id = 0u16..4;
+    prop_oneof![
+        (id.clone(), 0u16..4, any::<bool>()).prop_map(|(id, role, keep)| {
+            let mut out = Vec::new();
+            fastcgi::encode_record(BEGIN_REQUEST, id, &begin_body(role, keep), &mut out);
+            out
+        }),
+        (id.clone(), pairs_bytes()).prop_map(|(id, pairs)| {
+            let mut out = Vec::new();
+            fastcgi::encode_record(PARAMS, id, &pairs, &mut out);
+            out
+        }),
+        (
+            id.clone(),
+            prop_oneof![Just(PARAMS), Just(STDIN), Just(ABORT_REQUEST)]
+        )
+            .prop_map(|(id, kind)| {
+                let mut out = Vec::new();
+                fastcgi::encode_record(kind, id, &[], &mut out);
+                out
+            }),
+        (id.clone(), prop::collection::vec(any::<u8>(), 1..40)).prop_map(|(id, body)| {
+            let mut out = Vec::new();
+            fastcgi::encode_record(STDIN, id, &body, &mut out);
+            out
+        }),
+        pairs_bytes().prop_map(|query| {
+            let mut out = Vec::new();
+            fastcgi::encode_record(GET_VALUES, 0, &query, &mut out);
+            out
+        }),
+        // Anything at all behind a version 1 header, padding included.
+        (
+            any::<u8>(),
+            id,
+            prop::collection::vec(any::<u8>(), 0..24),
+            0u8..8
+        )
+            .prop_map(|(kind, id, content, pad)| {
+                let mut out = Vec::new();
+                fastcgi::encode_record(kind, id, &content, &mut out);
+                out[6] = pad;
+                out.extend(std::iter::repeat_n(0, usize::from(pad)));
+                out
+            }),
+    ]
+}
+
+/// Stray records mixed with whole requests, so the handler is reached
+/// from every state the strays leave behind.
+fn records() -> impl Strategy<Value = Vec<u8>> {
+    let whole = (
+        1u16..4,
+        any::<bool>(),
+        pairs_bytes(),
+        prop::collection::vec(any::<u8>(), 0..30),
+    )
+        .prop_map(|(id, keep, pairs, body)| request(id, keep, &pairs, &body));
+    prop::collection::vec(prop_oneof![3 => record(), 1 => whole], 0..20)
+        .prop_map(|recs| recs.concat())
+}
+
+/// One well-formed request, params split mid-pair.
+fn request(id: u16, keep_conn: bool, pairs: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    fastcgi::encode_record(
+        BEGIN_REQUEST,
+        id,
+        &begin_body(ROLE_RESPONDER, keep_conn),
+        &mut out,
+    );
+    for piece in pairs.chunks(7) {
+        fastcgi::encode_record(PARAMS, id, piece, &mut out);
+    }
+    fastcgi::encode_record(PARAMS, id, &[], &mut out);
+    if !body.is_empty() {
+        fastcgi::encode_record(STDIN, id, body, &mut out);
+    }
+    fastcgi::encode_record(STDIN, id, &[], &mut out);
+    out
+}
+
+/// Well-formed keep_conn requests, the last one closing the connection,
+/// and the offset where each request ends.
+fn valid_stream() -> impl Strategy<Value = (Vec<u8>, Vec<usize>)> {
+    prop::collection::vec(
+        (
+            1u16..100,
+            pairs_bytes(),
+            prop::collection::vec(any::<u8>(), 0..30),
+        ),
+        1..4,
+    )
+    .prop_map(|requests| {
+        let n = requests.len();
+        let mut out = Vec::new();
+        let mut ends = Vec::new();
+        for (i, (id, pairs, body)) in requests.into_iter().enumerate() {
+            out.extend(request(id, i + 1 < n, &pairs, &body));
+            ends.push(out.len());
+        }
+        (out, ends)
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(330))]
+
+    #[test]
+    fn random_bytes(input in prop::collection::vec(any::<u8>(), 0..512), limits in limits()) {
+        let out = serve(input.clone(), &limits);
+        prop_assert!(out.calls <= begins(&input));
+        assert_well_formed(&out.output)?;
+    }
+
+    #[test]
+    fn random_records(input in records(), limits in limits(), chunks in prop::collection::vec(1usize..50, 0..4)) {
+        let out = serve_chunked(input.clone(), chunks, &limits);
+        prop_assert!(out.calls <= begins(&input));
+        assert_well_formed(&out.output)?;
+    }
+
+    #[test]
+    fn truncated_valid_streams(
+        (input, ends) in valid_stream(),
+        at_boundary in any::<bool>(),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        // Cuts between requests are rare by chance but are the clean closes.
+        let cut = if at_boundary { ends[cut.index(ends.len())] } else { cut.index(input.len() + 1) };
+        let out = serve(input[..cut].to_vec(), &Limits::default());
+        // Exactly the requests that arrived whole are served.
+        prop_assert_eq!(out.calls, ends.iter().filter(|&&end| end <= cut).count());
+        let between_requests = cut == 0 || ends.contains(&cut);
+        prop_assert_eq!(out.result.is_ok(), between_requests, "{:?}", out.result);
+        assert_well_formed(&out.output)?;
+    }
+
+    #[test]
+    fn mutated_valid_streams(
+        (input, _) in valid_stream(),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        limits in limits(),
+    ) {
+        let mut input = input;
+        for (at, byte) in edits {
+            let i = at.index(input.len());
+            input[i] = byte;
+        }
+        let out = serve(input.clone(), &limits);
+        prop_assert!(out.calls <= begins(&input));
+        assert_well_formed(&out.output)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(330))]
+
+    /// Valid requests are all served, and how the bytes trickle in does not
+    /// change a thing.
+    #[test]
+    fn valid_streams_any_chunking((input, ends) in valid_stream(), chunks in prop::collection::vec(1usize..20, 1..4)) {
+        let whole = serve(input.clone(), &Limits::default());
+        let n = ends.len();
+        prop_assert!(whole.result.is_ok(), "{:?}", whole.result);
+        prop_assert_eq!(whole.calls, n);
+        let end_records = framed(&whole.output).iter().filter(|h| h.kind == END_REQUEST).count();
+        prop_assert_eq!(end_records, n);
+        let trickled = serve_chunked(input, chunks, &Limits::default());
+        prop_assert!(trickled.result.is_ok());
+        prop_assert_eq!(trickled.calls, n);
+        prop_assert_eq!(trickled.output, whole.output);
+    }
+
+    /// The busy answer goes only to a connection that opens with
+    /// BEGIN_REQUEST, whatever follows.
+    #[test]
+    fn overloaded_any_bytes(input in prop_oneof![prop::collection::vec(any::<u8>(), 0..64), records()]) {
+        let mut duplex = Duplex::new(input.clone(), Vec::new());
+        let _ = fastcgi::reject_overloaded(&mut duplex);
+        assert_well_formed(&duplex.output)?;
+        let opens_with_begin = framed(&input)
+            .first()
+            .is_some_and(|h| h.kind == BEGIN_REQUEST && h.request_id != 0);
+        prop_assert_eq!(!duplex.output.is_empty(), opens_with_begin);
+    }
+}
