@@ -150,6 +150,15 @@ impl Stream {
     }
 }
 
+impl Stream {
+    fn fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -188,6 +197,19 @@ impl StopSignal {
             signal_hook::low_level::pipe::register(sig, notify.try_clone()?)?;
         }
         Ok(StopSignal { flag, wake })
+    }
+
+    /// A socket that becomes readable when a stop signal arrives, for a
+    /// thread other than the accept loop.
+    fn watcher(&self) -> io::Result<UnixStream> {
+        let (watcher, notify) = UnixStream::pair()?;
+        for sig in STOP_SIGNALS {
+            signal_hook::low_level::pipe::register(sig, notify.try_clone()?)?;
+        }
+        if self.requested() {
+            let _ = (&notify).write(&[1]);
+        }
+        Ok(watcher)
     }
 
     fn requested(&self) -> bool {
@@ -242,7 +264,19 @@ pub fn serve_serial(
     io_timeout: Duration,
 ) -> io::Result<()> {
     let stop = StopSignal::install()?;
-    let handler = |req: &crate::http::Request| relay.handle(req);
+    let serving = Arc::new(Serving::default());
+    let watcher = stop.watcher()?;
+    let watched = serving.clone();
+    thread::Builder::new()
+        .name("stop".into())
+        .stack_size(64 * 1024)
+        .spawn(move || watched.end_idle_on_stop(watcher))?;
+    let handler = |req: &crate::http::Request| {
+        serving.busy.store(true, Ordering::SeqCst);
+        let response = relay.handle(req);
+        serving.busy.store(false, Ordering::SeqCst);
+        response
+    };
     info!("serving FastCGI on {}", listener.describe());
     while stop.wait_for_connection(&listener)? {
         let mut stream = match listener.accept() {
@@ -253,12 +287,52 @@ pub fn serve_serial(
             }
         };
         let _ = stream.set_timeouts(io_timeout);
+        *lock(&serving.conn) = Some(stream.fd());
         if let Err(e) = fastcgi::serve_connection(&mut stream, &handler, limits) {
             info!("FastCGI connection ended: {e}");
         }
+        *lock(&serving.conn) = None;
     }
     info!("stop requested, exiting");
     Ok(())
+}
+
+/// The connection the serial loop is on, for the stop watcher.
+#[derive(Default)]
+struct Serving {
+    conn: Mutex<Option<RawFd>>,
+    /// A request is inside the pipeline (possibly talking to the bot).
+    busy: AtomicBool,
+}
+
+impl Serving {
+    /// Waits for a stop signal, then ends the current connection's reading
+    /// side as soon as no request is in the pipeline. A web server that
+    /// keeps an idle connection open (FCGI_KEEP_CONN) would otherwise hold
+    /// the process until its read timeout. Only reading is shut: an answer
+    /// being written still goes out whole.
+    fn end_idle_on_stop(&self, mut watcher: UnixStream) {
+        let mut byte = [0u8; 1];
+        while let Err(e) = watcher.read(&mut byte) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                return;
+            }
+        }
+        loop {
+            {
+                // Holding the lock while shutting down means the fd cannot be
+                // closed and reused by the loop in between.
+                let conn = lock(&self.conn);
+                if let Some(fd) = *conn {
+                    if !self.busy.load(Ordering::SeqCst) {
+                        // SAFETY: fd is the open connection, kept open while the lock is held.
+                        unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+                    }
+                }
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 /// accept() fails for reasons that pass (a client gone before accept,
