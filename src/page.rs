@@ -183,7 +183,11 @@ fn view<'a>(outcome: &Outcome<'a>) -> View<'a> {
             hint: Some("You can close this page and go back to Discord."),
             retry: false,
         },
-        Outcome::Answered(reply) => fail("Sign-up failed", reply.message.clone(), None),
+        Outcome::Answered(reply) => fail(
+            "Sign-up failed",
+            reply.message.clone(),
+            Some("If this looks wrong, ask an organiser in Discord."),
+        ),
         Outcome::Denied { error, .. } if *error == "access_denied" => fail(
             "Sign-in cancelled",
             "You cancelled the osu! sign-in, so you are not signed up.".to_string(),

@@ -27,6 +27,8 @@ Behaviours (``--behaviour``):
   slow         sleep --delay seconds (default 10) then approve
   echo         approve with the --message text (default: a string full of HTML
                metacharacters); never echoes the state or code back
+  demo         refuse when the state starts with "taken" ("You're already signed
+               up!"), approve otherwise: one bot shows both pages (scripts/demo)
 
 ``--message`` overrides the reply text of any behaviour but oversize; ``--delay`` (if given)
 is slept before replying in every behaviour.
@@ -51,7 +53,7 @@ ECHO_DEFAULT_MESSAGE = "<b>bold</b> & \"double\" 'single' <script>alert(1)</scri
 OVERSIZE_BYTES = 100 * 1024
 SLOW_DEFAULT_DELAY = 10.0
 
-BEHAVIOURS = ("approve", "refuse", "silent", "early-close", "garbage", "oversize", "slow", "echo")
+BEHAVIOURS = ("approve", "refuse", "silent", "early-close", "garbage", "oversize", "slow", "echo", "demo")
 
 
 class _NoGlobalsUnpickler(pickle.Unpickler):
@@ -116,8 +118,10 @@ class Bot:
 
     # -- replies ------------------------------------------------------------
 
-    def reply_bytes(self):
+    def reply_bytes(self, state):
         b = self.behaviour
+        if b == "demo" and state.startswith("taken"):
+            b = "refuse"
         if b == "garbage":
             return b"\x80\x04not a pickle at all" if self.wire == "pickle" else b"not json{"
         if b == "oversize":
@@ -161,7 +165,7 @@ class Bot:
             if self.behaviour == "early-close":
                 return
 
-            writer.write(self.reply_bytes())
+            writer.write(self.reply_bytes(entry["state"]))
             await writer.drain()
             if writer.can_write_eof():
                 writer.write_eof()
