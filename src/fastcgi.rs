@@ -294,15 +294,15 @@ pub fn serve_connection<S: Read + Write>(
 }
 
 /// For an acceptor that is at its connection cap: read the first
-/// BEGIN_REQUEST (bounded by the socket's timeout), answer a CGI
-/// `Status: 503 Service Unavailable` response with a short plain-text body
-/// and END_REQUEST with protocol status `FCGI_OVERLOADED`, then return.
+/// BEGIN_REQUEST (bounded by the socket's timeout), answer `busy` (a
+/// response in CGI form, the caller's 503 page) and END_REQUEST with
+/// protocol status `FCGI_OVERLOADED`, then return.
 ///
 /// Only the first record header is read. Web servers open with
 /// BEGIN_REQUEST, and the acceptor calling this must not be held by a peer
 /// that trickles anything longer; a connection that opens otherwise, or
 /// closes first, is left unanswered.
-pub fn reject_overloaded<S: Read + Write>(stream: &mut S) -> io::Result<()> {
+pub fn reject_overloaded<S: Read + Write>(stream: &mut S, busy: &[u8]) -> io::Result<()> {
     let mut raw = [0; HEADER_LEN];
     if let Err(e) = stream.read_exact(&mut raw) {
         return match e.kind() {
@@ -312,9 +312,8 @@ pub fn reject_overloaded<S: Read + Write>(stream: &mut S) -> io::Result<()> {
     }
     match parse_header(&raw) {
         Some(h) if h.kind == BEGIN_REQUEST && h.request_id != 0 => {
-            let mut out = Vec::new();
-            let busy = plain_text(503, "busy, try again\n");
-            encode_stream(STDOUT, h.request_id, &busy, &mut out);
+            let mut out = Vec::with_capacity(busy.len() + 64);
+            encode_stream(STDOUT, h.request_id, busy, &mut out);
             end_request(h.request_id, APP_ANSWERED, OVERLOADED, &mut out);
             send(stream, &out)
         }
@@ -1009,7 +1008,7 @@ mod tests {
         let mut input = Vec::new();
         request(5, false, &get(b"x"), &mut input);
         let mut duplex = Duplex::new(input);
-        reject_overloaded(&mut duplex).unwrap();
+        reject_overloaded(&mut duplex, &plain_text(503, "busy, try again\n")).unwrap();
         let recs = records(&duplex.output);
         let body = String::from_utf8(stdout_of(&recs, 5)).unwrap();
         assert!(
@@ -1036,7 +1035,7 @@ mod tests {
             input,
         ] {
             let mut duplex = Duplex::new(input);
-            reject_overloaded(&mut duplex).unwrap();
+            reject_overloaded(&mut duplex, b"Status: 503\r\n\r\n").unwrap();
             assert!(duplex.output.is_empty());
         }
     }

@@ -34,6 +34,8 @@ pub enum Outcome<'a> {
     },
     Rejected(&'a RequestError),
     BotFailed(&'a BotError),
+    /// `--listen` is at its connection cap; nothing reached the pipeline.
+    Overloaded,
     /// A HEAD request for a valid link: answered without spending the code.
     Probed,
     /// The relay is misconfigured (CGI mode only: FastCGI refuses to start).
@@ -48,6 +50,7 @@ impl Outcome<'_> {
             Outcome::Denied { .. } => 400,
             Outcome::Rejected(e) => e.status(),
             Outcome::BotFailed(e) => e.status(),
+            Outcome::Overloaded => 503,
             Outcome::Misconfigured => 500,
         }
     }
@@ -223,6 +226,13 @@ fn view<'a>(outcome: &Outcome<'a>) -> View<'a> {
             "The bot gave an answer this page could not read.".to_string(),
             Some("Check your Discord messages from the bot, or ask an organiser."),
         ),
+        Outcome::Overloaded => View {
+            ok: false,
+            title: "Too many sign-ups at once",
+            message: "Your sign-in was not used yet, so nothing is lost.".to_string(),
+            hint: Some("Wait a few seconds, then try again."),
+            retry: true,
+        },
         Outcome::Probed => View {
             ok: true,
             title: "Sign-up link",

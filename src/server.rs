@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 
 use crate::fastcgi::{self, Limits};
+use crate::page::Outcome;
 use crate::relay::Relay;
 
 /// Signals that ask for a graceful stop.
@@ -323,11 +324,11 @@ impl Serving {
                 // Holding the lock while shutting down means the fd cannot be
                 // closed and reused by the loop in between.
                 let conn = lock(&self.conn);
-                if let Some(fd) = *conn {
-                    if !self.busy.load(Ordering::SeqCst) {
-                        // SAFETY: fd is the open connection, kept open while the lock is held.
-                        unsafe { libc::shutdown(fd, libc::SHUT_RD) };
-                    }
+                if let Some(fd) = *conn
+                    && !self.busy.load(Ordering::SeqCst)
+                {
+                    // SAFETY: fd is the open connection, kept open while the lock is held.
+                    unsafe { libc::shutdown(fd, libc::SHUT_RD) };
                 }
             }
             thread::sleep(Duration::from_millis(10));
@@ -384,6 +385,10 @@ pub fn serve_pool(
         active: AtomicUsize::new(0),
     });
     let max = limits.max_conns;
+    let busy = relay
+        .page()
+        .respond(&Outcome::Overloaded)
+        .to_cgi_bytes(false);
     info!(
         "listening on {} (up to {max} connections)",
         listener.describe()
@@ -424,7 +429,7 @@ pub fn serve_pool(
             warn!("at the cap of {max} connections: answering one connection 'overloaded'");
             // Bounded: the reject reads at most one record with a short timeout.
             let _ = stream.set_timeouts(Duration::from_millis(500));
-            let _ = fastcgi::reject_overloaded(&mut stream);
+            let _ = fastcgi::reject_overloaded(&mut stream, &busy);
         }
     }
     info!("stop requested: no new connections; finishing requests in flight");

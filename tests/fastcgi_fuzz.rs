@@ -371,7 +371,7 @@ proptest! {
     #[test]
     fn overloaded_any_bytes(input in prop_oneof![prop::collection::vec(any::<u8>(), 0..64), records()]) {
         let mut duplex = Duplex::new(input.clone(), Vec::new());
-        let _ = fastcgi::reject_overloaded(&mut duplex);
+        let _ = fastcgi::reject_overloaded(&mut duplex, b"Status: 503\r\n\r\nbusy");
         assert_well_formed(&duplex.output)?;
         let opens_with_begin = framed(&input)
             .first()
