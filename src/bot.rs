@@ -99,16 +99,35 @@ pub fn encode(wire: Wire, state: &str, code: &str) -> Vec<u8> {
     encoded.unwrap_or_default()
 }
 
-/// Reads the bot's reply. Unknown fields are ignored; a pickle is read as
-/// plain data only (no classes, no callables), so a reply cannot run code.
+/// Reads the bot's reply: an object (a dict in pickle) with `success` and
+/// `message`; unknown fields are ignored.
+///
+/// A pickle is read as plain data only. serde-pickle never imports or
+/// calls anything: the few builtins it knows (`set`, `frozenset`,
+/// `bytearray`, …) it rebuilds as data, and any other global is an error,
+/// so a reply cannot make the relay run code.
 pub fn decode(wire: Wire, bytes: &[u8]) -> Result<BotReply, BotError> {
     if bytes.is_empty() {
         return Err(BotError::Closed);
     }
+    let invalid = |e: &dyn fmt::Display| BotError::Invalid(e.to_string());
     match wire {
-        Wire::Json => serde_json::from_slice(bytes).map_err(|e| BotError::Invalid(e.to_string())),
-        Wire::Pickle => serde_pickle::from_slice(bytes, serde_pickle::DeOptions::new())
-            .map_err(|e| BotError::Invalid(e.to_string())),
+        Wire::Json => {
+            // serde would also take `[true, "msg"]` for the struct; the
+            // protocol is an object, and an object starts with a brace.
+            if bytes.trim_ascii_start().first() != Some(&b'{') {
+                return Err(BotError::Invalid("reply is not a JSON object".into()));
+            }
+            serde_json::from_slice(bytes).map_err(|e| invalid(&e))
+        }
+        Wire::Pickle => {
+            let value = serde_pickle::value_from_slice(bytes, serde_pickle::DeOptions::new())
+                .map_err(|e| invalid(&e))?;
+            if !matches!(value, serde_pickle::Value::Dict(_)) {
+                return Err(BotError::Invalid("reply is not a dict".into()));
+            }
+            serde_pickle::from_value(value).map_err(|e| invalid(&e))
+        }
     }
 }
 
@@ -428,6 +447,16 @@ mod tests {
                 message: "ok".into()
             }
         );
+    }
+
+    #[test]
+    fn pickle_reply_must_be_a_dict() {
+        // pickle.dumps([True, 'ok'])
+        let list = b"\x80\x04\x95\x0b\x00\x00\x00\x00\x00\x00\x00]\x94(\x88\x8c\x02ok\x94e.";
+        assert!(matches!(
+            decode(Wire::Pickle, list),
+            Err(BotError::Invalid(_))
+        ));
     }
 
     #[test]

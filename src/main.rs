@@ -169,15 +169,22 @@ fn finish(result: std::io::Result<()>) -> ExitCode {
 }
 
 fn run_cgi() -> ExitCode {
+    let started = std::time::Instant::now();
     let req = cgi::request_from_env();
-    let response = match Config::from_env()
+    let relay = Config::from_env()
         .map_err(|e| e.to_string())
-        .and_then(|c| Relay::new(c).map_err(|e| e.to_string()))
-    {
+        .and_then(|c| Relay::new(c).map_err(|e| e.to_string()));
+    let response = match relay {
         Ok(relay) => relay.handle(&req),
         Err(e) => {
             log::error!("{e}");
-            Page::built_in().respond(&Outcome::Misconfigured)
+            let response = Page::built_in().respond(&Outcome::Misconfigured);
+            log::info!(
+                "outcome=misconfigured status={} ms={} code=-",
+                response.status,
+                started.elapsed().as_millis()
+            );
+            response
         }
     };
     if let Err(e) = cgi::write_response(&req, &response) {
