@@ -106,6 +106,7 @@ impl Store {
     {
         self.maybe_sweep();
         let key = key(code);
+        let asked = now_nanos();
         let lock = match self.lock(&key, wait) {
             Ok(Some(lock)) => lock,
             // Still held by a request in flight past the bound: sending the
@@ -129,7 +130,26 @@ impl Store {
                 Delivery::Replayed,
             ));
         }
-        let reply = deliver()?;
+        // A delivery of this code ended without an answer while this request
+        // waited for the lock. The bot may have the code, so sending it again
+        // would only get it refused: answer as that delivery did. A reload
+        // after the failure tries again.
+        let failed = self.dir.join(format!("{key}.failed"));
+        if let Some(e) = read_failure(&failed, asked) {
+            return Err(e);
+        }
+        let reply = match deliver() {
+            Ok(reply) => reply,
+            Err(e) => {
+                // A refused connection never carried the code: nothing to remember.
+                if !matches!(e, BotError::Unavailable(_))
+                    && let Err(w) = fs::write(&failed, format!("{} {}", now_nanos(), e.status()))
+                {
+                    warn!("replay store: cannot note a failed delivery: {w}");
+                }
+                return Err(e);
+            }
+        };
         if let Err(e) = self.write(&key, &answer, &reply) {
             warn!(
                 "replay store: cannot save an answer, a repeat of this code will reach the bot again: {e}"
@@ -250,6 +270,20 @@ impl Store {
     }
 }
 
+/// The failure noted for a code at or after `asked`, as the error it was:
+/// a time-out (504) or a bad answer (502).
+fn read_failure(path: &Path, asked: u128) -> Option<BotError> {
+    let text = fs::read_to_string(path).ok()?;
+    let (at, status) = text.trim().split_once(' ')?;
+    if at.parse::<u128>().ok()? < asked {
+        return None;
+    }
+    Some(match status {
+        "504" => BotError::Timeout,
+        _ => BotError::Closed,
+    })
+}
+
 /// The file name for a code: its SHA-256 in hex.
 fn key(code: &str) -> String {
     let digest = Sha256::digest(code.as_bytes());
@@ -262,6 +296,12 @@ fn key(code: &str) -> String {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -390,6 +430,29 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, BotError::Timeout));
         assert!(slow.join().unwrap().is_ok());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_repeat_waiting_on_a_failed_delivery_does_not_deliver_again() {
+        let (store, dir) = temp_store("waitfail", Duration::from_secs(600));
+        let store = Arc::new(store);
+        let s = store.clone();
+        let first = thread::spawn(move || {
+            s.deliver_once("c", Duration::from_secs(5), || {
+                thread::sleep(Duration::from_millis(300));
+                Err(BotError::Timeout)
+            })
+        });
+        thread::sleep(Duration::from_millis(100));
+        let repeat = store.deliver_once("c", Duration::from_secs(5), || panic!("delivered twice"));
+        assert!(matches!(repeat, Err(BotError::Timeout)));
+        assert!(matches!(first.join().unwrap(), Err(BotError::Timeout)));
+        // A reload after the failure tries again.
+        let (_, d) = store
+            .deliver_once("c", Duration::from_secs(1), || ok("now"))
+            .unwrap();
+        assert_eq!(d, Delivery::First);
         let _ = fs::remove_dir_all(&dir);
     }
 

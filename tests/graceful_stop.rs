@@ -1,0 +1,496 @@
+//! Graceful stop and the FastCGI-side bounds (issue 4): SIGTERM lets a
+//! request the bot already has finish and then exits 0, refusing new work;
+//! a stalled web server cannot pin a connection; `--listen` answers past its
+//! connection cap with "overloaded"; oversized params or bodies get a 400
+//! without the bot being contacted.
+//!
+//! Every server gets a fresh store (`REGISTER_STATE_DIR` in a [`TempDir`]).
+
+mod support;
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Barrier;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const APPROVED: &str = "You're registered, welcome to the tournament!";
+const STATE_Q: &str = "gAAAAABnStopState%3D";
+
+fn query(code: &str) -> String {
+    format!("code={code}&state={STATE_Q}")
+}
+
+/// Asserts a complete success page: END_REQUEST "complete", STDOUT ended,
+/// 200, the check mark and the bot's message.
+fn assert_approved(reply: &FcgiReply) {
+    assert_eq!(reply.protocol_status, FCGI_REQUEST_COMPLETE, "{reply:?}");
+    assert!(reply.stdout_ended, "STDOUT not ended: {reply:?}");
+    let page = reply.http();
+    assert_eq!(page.status, 200, "body:\n{}", page.body);
+    assert!(
+        page.body.contains("aria-label=\"Success\""),
+        "{}",
+        page.body
+    );
+    let shown = format!("<p id=\"message\">{}</p>", APPROVED.replace('\'', "&#x27;"));
+    assert!(page.body.contains(&shown), "{}", page.body);
+    assert!(page.body.trim_end().ends_with("</html>"), "{}", page.body);
+}
+
+fn codes(bot: &Bot) -> Vec<String> {
+    bot.received()
+        .into_iter()
+        .map(|r| {
+            assert_eq!(r.error, None, "{r:?}");
+            r.code
+        })
+        .collect()
+}
+
+/// Sends one request on a fresh connection and reads its reply, errors
+/// returned rather than panicking.
+fn try_get(server: &Server, id: u16, query: &str, keep_conn: bool) -> Result<FcgiReply, String> {
+    let mut conn = server.try_connect().map_err(|e| format!("connect: {e}"))?;
+    let params = get_params(query);
+    send_request(&mut conn, id, &as_pairs(&params), &[], keep_conn)
+        .map_err(|e| format!("send: {e}"))?;
+    try_read_reply(&mut conn, id)
+}
+
+fn get(server: &Server, query: &str) -> FcgiReply {
+    try_get(server, 1, query, false).unwrap_or_else(|e| {
+        panic!(
+            "request to {}: {e}\nserver stderr:\n{}",
+            server.addr(),
+            server.stderr_text()
+        )
+    })
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// SIGTERM during a slow bot reply
+// ---------------------------------------------------------------------------
+
+/// How long a server may take to exit after SIGTERM when the bot still
+/// owes at most 1 s.
+const STOP_BOUND: Duration = Duration::from_secs(4);
+
+/// Sends a request, waits until the bot has its code, sends SIGTERM, runs
+/// `after_signal` (while the bot is still sleeping), and returns the reply
+/// and how long the server took to exit after the signal.
+fn sigterm_mid_request(
+    server: &mut Server,
+    bot: &Bot,
+    after_signal: impl FnOnce(&Server),
+) -> (FcgiReply, Duration) {
+    let q = query("stop-code");
+    let server_ref = &*server;
+    let (reply, signalled) = thread::scope(|s| {
+        let pending = s.spawn(|| get(server_ref, &q));
+        let got = bot.wait_received(1, Duration::from_secs(5));
+        assert_eq!(got.len(), 1, "the request never reached the bot");
+        let signalled = Instant::now();
+        server_ref.signal("TERM");
+        after_signal(server_ref);
+        (pending.join().unwrap(), signalled)
+    });
+    let status = server.wait_within(STOP_BOUND).unwrap_or_else(|| {
+        panic!(
+            "no exit within {STOP_BOUND:?} of SIGTERM; stderr:\n{}",
+            server.stderr_text()
+        )
+    });
+    let took = signalled.elapsed();
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(status.code(), Some(0));
+    (reply, took)
+}
+
+#[test]
+fn sigterm_during_a_slow_reply_fd0_answers_then_exits_0() {
+    let store = TempDir::new("st");
+    let bot = Bot::start_with("json", "slow", &["--delay", "1"]);
+    let mut server = Fd0Server::start(&[
+        ("REGISTER_BOT_ADDR", bot.addr()),
+        ("REGISTER_STATE_DIR", store.path_str()),
+    ]);
+    let (reply, took) = sigterm_mid_request(&mut server, &bot, |server| {
+        // A request that comes after the stop is not taken on: the kernel
+        // may queue the connection, but it is closed unanswered.
+        let late = try_get(server, 1, &query("late-code"), false);
+        assert!(
+            late.is_err(),
+            "a request after SIGTERM was answered: {late:?}"
+        );
+    });
+    assert_approved(&reply);
+    assert!(took < STOP_BOUND, "{took:?}");
+    assert!(server.try_connect().is_err(), "still accepting after exit");
+    assert_eq!(codes(&bot), ["stop-code"]);
+}
+
+fn sigterm_during_a_slow_reply_listen(kind: &str) {
+    let store = TempDir::new("st");
+    let bot = Bot::start_with("json", "slow", &["--delay", "1"]);
+    let mut server = ListenServer::start(
+        kind,
+        &[
+            ("REGISTER_BOT_ADDR", bot.addr()),
+            ("REGISTER_STATE_DIR", store.path_str()),
+        ],
+    );
+    let (reply, took) = sigterm_mid_request(&mut server, &bot, |server| {
+        // The listener goes at once, while the request is still in flight.
+        let refused = wait_until(Duration::from_millis(800), || {
+            let gone = match server.endpoint() {
+                Endpoint::Unix(path) => !Path::new(path).exists(),
+                Endpoint::Tcp(_) => true,
+            };
+            gone && server.try_connect().is_err()
+        });
+        assert!(refused, "still accepting connections after SIGTERM");
+    });
+    assert_approved(&reply);
+    assert!(took < STOP_BOUND, "{took:?}");
+    assert!(server.try_connect().is_err(), "still accepting after exit");
+    assert_eq!(codes(&bot), ["stop-code"]);
+}
+
+#[test]
+fn sigterm_during_a_slow_reply_listen_unix_answers_then_exits_0() {
+    sigterm_during_a_slow_reply_listen("unix");
+}
+
+#[test]
+fn sigterm_during_a_slow_reply_listen_tcp_answers_then_exits_0() {
+    sigterm_during_a_slow_reply_listen("tcp");
+}
+
+/// mod_fcgid keeps its connection to an fd-0 process open between
+/// requests; a stop must not wait for the web server to close it.
+#[test]
+fn sigterm_with_an_idle_keep_alive_connection_fd0_exits_promptly() {
+    let store = TempDir::new("st");
+    let bot = Bot::start("json", "approve");
+    let mut server = Fd0Server::start(&[
+        ("REGISTER_BOT_ADDR", bot.addr()),
+        ("REGISTER_STATE_DIR", store.path_str()),
+    ]);
+    let mut kept = server.connect();
+    assert_approved(&fcgi_get(&mut kept, 1, &query("keep-code"), true));
+    let signalled = Instant::now();
+    let status = server.stop_within(Duration::from_secs(2));
+    let took = signalled.elapsed();
+    assert!(
+        status.is_some(),
+        "fd-0 server still running {took:?} after SIGTERM with an idle kept connection"
+    );
+    assert!(status.unwrap().success(), "exit status {status:?}");
+    assert!(kept.closed_within(Duration::from_secs(1)));
+    assert_eq!(codes(&bot), ["keep-code"]);
+}
+
+#[test]
+fn sigterm_with_an_idle_keep_alive_connection_listen_exits_promptly() {
+    let store = TempDir::new("st");
+    let bot = Bot::start("json", "approve");
+    let mut server = ListenServer::start_unix(&[
+        ("REGISTER_BOT_ADDR", bot.addr()),
+        ("REGISTER_STATE_DIR", store.path_str()),
+    ]);
+    let mut kept = server.connect();
+    assert_approved(&fcgi_get(&mut kept, 1, &query("keep-code"), true));
+    let status = server.stop_within(Duration::from_secs(2));
+    assert!(
+        status.is_some(),
+        "--listen server still running 2 s after SIGTERM with an idle kept connection"
+    );
+    assert!(status.unwrap().success(), "exit status {status:?}");
+    assert!(kept.closed_within(Duration::from_secs(1)));
+}
+
+// ---------------------------------------------------------------------------
+// A stalled FastCGI peer
+// ---------------------------------------------------------------------------
+
+/// Ways a web server can stall mid-record: half a record header; a whole
+/// BEGIN_REQUEST then a PARAMS record cut short.
+fn stalls() -> Vec<(&'static str, Vec<u8>)> {
+    let begin = record_bytes(
+        FCGI_BEGIN_REQUEST,
+        1,
+        &begin_request_body(FCGI_RESPONDER, 0),
+        0,
+    );
+    let params = encode_pairs(&as_pairs(&get_params(&query("stalled-code"))));
+    let mut mid_params = begin.clone();
+    let record = record_bytes(FCGI_PARAMS, 1, &params, 0);
+    mid_params.extend_from_slice(&record[..record.len() / 2]);
+    vec![
+        ("half a record header", begin[..4].to_vec()),
+        ("half a PARAMS record", mid_params),
+    ]
+}
+
+/// The server must drop a connection stalled for REGISTER_FCGI_TIMEOUT=1
+/// within this long (1 s plus a margin), and not much before 1 s.
+const STALL_CLOSE_BOUND: Duration = Duration::from_millis(2500);
+const STALL_CLOSE_AT_LEAST: Duration = Duration::from_millis(900);
+
+fn stall_env<'a>(bot: &'a Bot, store: &'a TempDir) -> [(&'a str, &'a str); 3] {
+    [
+        ("REGISTER_BOT_ADDR", bot.addr()),
+        ("REGISTER_STATE_DIR", store.path_str()),
+        ("REGISTER_FCGI_TIMEOUT", "1"),
+    ]
+}
+
+#[test]
+fn a_stalled_peer_is_dropped_and_others_are_served_meanwhile_listen() {
+    let store = TempDir::new("st");
+    let bot = Bot::start("json", "approve");
+    let mut server = ListenServer::start_unix(&stall_env(&bot, &store));
+    for (i, (what, bytes)) in stalls().into_iter().enumerate() {
+        let mut stalled = server.connect();
+        stalled.write_all(&bytes).unwrap();
+        let stalled_at = Instant::now();
+        // Another connection is served while the stalled one is open.
+        let code = format!("other-{i}");
+        assert_approved(&get(&server, &query(&code)));
+        let served_after = stalled_at.elapsed();
+        assert!(
+            stalled.closed_within(STALL_CLOSE_BOUND + Duration::from_millis(500)),
+            "{what}: the stalled connection is still open"
+        );
+        let closed_after = stalled_at.elapsed();
+        assert!(
+            served_after < closed_after,
+            "{what}: the other request waited for the stall ({served_after:?})"
+        );
+        assert!(
+            (STALL_CLOSE_AT_LEAST..STALL_CLOSE_BOUND).contains(&closed_after),
+            "{what}: closed after {closed_after:?}"
+        );
+    }
+    // And it still serves afterwards.
+    assert_approved(&get(&server, &query("after-stalls")));
+    assert_eq!(codes(&bot), ["other-0", "other-1", "after-stalls"]);
+    assert!(server.stop().success());
+}
+
+/// fd 0 serves one connection at a time: the next one is served once the
+/// stalled one has been dropped, within the bound.
+#[test]
+fn a_stalled_peer_is_dropped_and_the_next_is_served_fd0() {
+    let store = TempDir::new("st");
+    let bot = Bot::start("json", "approve");
+    let mut server = Fd0Server::start(&stall_env(&bot, &store));
+    for (i, (what, bytes)) in stalls().into_iter().enumerate() {
+        let mut stalled = server.connect();
+        stalled.write_all(&bytes).unwrap();
+        let stalled_at = Instant::now();
+        let code = format!("next-{i}");
+        let server_ref = &*server;
+        let (closed_after, served_after, reply) = thread::scope(|s| {
+            let next = s.spawn(|| {
+                let r = get(server_ref, &query(&code));
+                (stalled_at.elapsed(), r)
+            });
+            assert!(
+                stalled.closed_within(STALL_CLOSE_BOUND + Duration::from_millis(500)),
+                "{what}: the stalled connection is still open"
+            );
+            let closed_after = stalled_at.elapsed();
+            let (served_after, reply) = next.join().unwrap();
+            (closed_after, served_after, reply)
+        });
+        assert!(
+            (STALL_CLOSE_AT_LEAST..STALL_CLOSE_BOUND).contains(&closed_after),
+            "{what}: closed after {closed_after:?}"
+        );
+        assert_approved(&reply);
+        assert!(
+            served_after < STALL_CLOSE_BOUND + Duration::from_millis(500),
+            "{what}: the next request took {served_after:?}"
+        );
+    }
+    assert_eq!(codes(&bot), ["next-0", "next-1"]);
+    assert!(server.stop().success());
+}
+
+// ---------------------------------------------------------------------------
+// The connection cap
+// ---------------------------------------------------------------------------
+
+fn connection_cap(kind: &str) {
+    let store = TempDir::new("st");
+    let bot = Bot::start_with("json", "slow", &["--delay", "1"]);
+    let mut server = ListenServer::start(
+        kind,
+        &[
+            ("REGISTER_BOT_ADDR", bot.addr()),
+            ("REGISTER_STATE_DIR", store.path_str()),
+            ("REGISTER_MAX_CONNS", "2"),
+        ],
+    );
+    let server_ref = &*server;
+    thread::scope(|s| {
+        let busy: Vec<_> = ["busy-a", "busy-b"]
+            .into_iter()
+            .map(|code| {
+                s.spawn(move || {
+                    let mut conn = server_ref.connect();
+                    let params = get_params(&query(code));
+                    send_request(&mut conn, 1, &as_pairs(&params), &[], false).unwrap();
+                    let reply = try_read_reply(&mut conn, 1);
+                    // Wait for the server to close it, so its slot is free.
+                    let closed = conn.closed_within(Duration::from_secs(2));
+                    (reply, closed)
+                })
+            })
+            .collect();
+        assert_eq!(
+            bot.wait_received(2, Duration::from_secs(5)).len(),
+            2,
+            "the two busy requests never reached the bot"
+        );
+        // Both slots are taken: the third is told so at once.
+        let asked = Instant::now();
+        let third = try_get(server_ref, 1, &query("over-cap"), false)
+            .unwrap_or_else(|e| panic!("no overload answer: {e}"));
+        assert!(
+            asked.elapsed() < Duration::from_millis(700),
+            "the overload answer took {:?}",
+            asked.elapsed()
+        );
+        assert!(
+            third.protocol_status == FCGI_OVERLOADED || !third.stdout.is_empty(),
+            "neither FCGI_OVERLOADED nor a page: {third:?}"
+        );
+        if !third.stdout.is_empty() {
+            let page = third.http();
+            assert_eq!(page.status, 503, "body:\n{}", page.body);
+        }
+        for handle in busy {
+            let (reply, closed) = handle.join().unwrap();
+            assert_approved(&reply.unwrap_or_else(|e| panic!("busy request: {e}")));
+            assert!(closed, "the server did not close a finished connection");
+        }
+    });
+    // The slots are free again.
+    let barrier = Barrier::new(2);
+    thread::scope(|s| {
+        let handles: Vec<_> = ["after-a", "after-b"]
+            .into_iter()
+            .map(|code| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    get(server_ref, &query(code))
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_approved(&h.join().unwrap());
+        }
+    });
+    let mut got = codes(&bot);
+    got.sort();
+    assert_eq!(got, ["after-a", "after-b", "busy-a", "busy-b"]);
+    assert!(server.stop().success());
+}
+
+#[test]
+fn past_the_connection_cap_listen_unix_answers_overloaded() {
+    connection_cap("unix");
+}
+
+#[test]
+fn past_the_connection_cap_listen_tcp_answers_overloaded() {
+    connection_cap("tcp");
+}
+
+// ---------------------------------------------------------------------------
+// Caps on params and body
+// ---------------------------------------------------------------------------
+
+/// One request with a padding param of `pad` bytes and a body of `body`
+/// bytes; returns the reply (or the error reading it).
+fn padded_request(
+    server: &Server,
+    code: &str,
+    pad: usize,
+    body: usize,
+) -> Result<FcgiReply, String> {
+    let mut params = get_params(&query(code));
+    set_param(&mut params, "HTTP_X_PADDING", &vec![b'p'; pad]);
+    if body > 0 {
+        set_param(&mut params, "CONTENT_LENGTH", body.to_string().as_bytes());
+    }
+    let mut conn = server.connect();
+    send_request(&mut conn, 1, &as_pairs(&params), &vec![b'b'; body], false)
+        .map_err(|e| format!("send: {e}"))?;
+    try_read_reply(&mut conn, 1)
+}
+
+fn assert_too_large(reply: Result<FcgiReply, String>, what: &str) {
+    let reply = reply.unwrap_or_else(|e| panic!("{what}: no answer: {e}"));
+    let page = reply.http();
+    assert_eq!(page.status, 400, "{what}: body:\n{}", page.body);
+    assert!(!page.body.contains(APPROVED), "{what}: {}", page.body);
+}
+
+fn caps(kind: &str) {
+    let store = TempDir::new("st");
+    let bot = Bot::start("json", "approve");
+    let mut server = ListenServer::start(
+        kind,
+        &[
+            ("REGISTER_BOT_ADDR", bot.addr()),
+            ("REGISTER_STATE_DIR", store.path_str()),
+        ],
+    );
+    // Under the caps: served, so the refusals below are about size.
+    assert_approved(&padded_request(&server, "params-60k", 60 * 1024, 0).unwrap());
+    assert_approved(&padded_request(&server, "body-60k", 0, 60 * 1024).unwrap());
+    // Over them: 400, and the bot never hears of the code.
+    assert_too_large(
+        padded_request(&server, "params-70k", 70 * 1024, 0),
+        "params over 64 KiB",
+    );
+    assert_too_large(
+        padded_request(&server, "body-70k", 0, 70 * 1024),
+        "body over 64 KiB",
+    );
+    // The server is fine afterwards.
+    assert_approved(&get(&server, &query("after-caps")));
+    assert_eq!(codes(&bot), ["params-60k", "body-60k", "after-caps"]);
+    assert!(server.stop().success());
+}
+
+#[test]
+fn params_or_body_over_64k_get_400_without_the_bot_listen_unix() {
+    caps("unix");
+}
+
+#[test]
+fn params_or_body_over_64k_get_400_without_the_bot_listen_tcp() {
+    caps("tcp");
+}

@@ -1,0 +1,183 @@
+//! Bounded load test on loopback (issue 4): 2,000 requests with distinct
+//! codes over 50 kept FastCGI connections (`FCGI_KEEP_CONN`, 40 requests
+//! one after another on each, as mod_proxy_fcgi with connection reuse
+//! sends them) through `--listen`, against a bot that takes 100 ms per
+//! answer. Zero errors, every page a success page, every code received by
+//! the bot exactly once; the whole run bounded in time.
+//!
+//! The Python peer (asyncio, one task per connection) sleeps concurrently,
+//! so 50 exchanges in flight cost it 100 ms, not 5 s: the floor for the
+//! run is 40 × 100 ms = 4 s.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const CONNS: usize = 50;
+const PER_CONN: usize = 40;
+const TOTAL: usize = CONNS * PER_CONN;
+/// The whole run, bot and server start included.
+const BOUND: Duration = Duration::from_secs(120);
+const APPROVED: &str = "You&#x27;re registered, welcome to the tournament!";
+const STATE_Q: &str = "gAAAAABnLoadState%3D";
+
+fn code(conn: usize, i: usize) -> String {
+    format!("load-{conn:02}-{i:03}")
+}
+
+/// Why one request did not end in a success page, if it did not.
+fn check(reply: Result<FcgiReply, String>) -> Result<(), String> {
+    let reply = reply?;
+    if reply.protocol_status != FCGI_REQUEST_COMPLETE || !reply.stdout_ended {
+        return Err(format!(
+            "protocol status {}, stdout ended {}",
+            reply.protocol_status, reply.stdout_ended
+        ));
+    }
+    let page = try_parse_cgi(&reply.stdout)?;
+    let shown = format!("<p id=\"message\">{APPROVED}</p>");
+    if page.status != 200
+        || !page.body.contains("aria-label=\"Success\"")
+        || !page.body.contains(&shown)
+    {
+        let head = page.body.chars().take(300).collect::<String>();
+        return Err(format!("status {}: {head}", page.status));
+    }
+    Ok(())
+}
+
+/// One client: a kept connection, `PER_CONN` requests in turn. Returns each
+/// code with its outcome; a broken connection fails the rest of its codes.
+fn client(endpoint: Endpoint, conn_no: usize) -> Vec<(String, Result<(), String>)> {
+    let mut results = Vec::with_capacity(PER_CONN);
+    let mut conn = match endpoint.connect() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            let why = format!("connect: {e}");
+            return (0..PER_CONN)
+                .map(|i| (code(conn_no, i), Err(why.clone())))
+                .collect();
+        }
+    };
+    for i in 0..PER_CONN {
+        let code = code(conn_no, i);
+        let Some(stream) = conn.as_mut() else {
+            results.push((code, Err("connection lost earlier".into())));
+            continue;
+        };
+        let id = (i + 1) as u16;
+        let params = get_params(&format!("code={code}&state={STATE_Q}"));
+        let reply = send_request(stream, id, &as_pairs(&params), &[], true)
+            .map_err(|e| format!("send: {e}"))
+            .and_then(|()| try_read_reply(stream, id));
+        if reply.is_err() {
+            conn = None;
+        }
+        results.push((code, check(reply)));
+    }
+    results
+}
+
+#[test]
+fn two_thousand_distinct_codes_over_fifty_connections_reach_the_bot_once_each() {
+    let started = Instant::now();
+    let store = TempDir::new("st");
+    let bot = Bot::start_with("json", "slow", &["--delay", "0.1"]);
+    let mut server = ListenServer::start_tcp(&[
+        ("REGISTER_BOT_ADDR", bot.addr()),
+        ("REGISTER_STATE_DIR", store.path_str()),
+        ("REGISTER_MAX_CONNS", "64"),
+    ]);
+
+    let load_started = Instant::now();
+    let (tx, rx) = mpsc::channel();
+    for conn_no in 0..CONNS {
+        let (tx, endpoint) = (tx.clone(), server.endpoint().clone());
+        thread::Builder::new()
+            .name(format!("client-{conn_no}"))
+            .spawn(move || {
+                let _ = tx.send(client(endpoint, conn_no));
+            })
+            .expect("spawning a client thread");
+    }
+    drop(tx);
+    let mut outcomes: Vec<(String, Result<(), String>)> = Vec::with_capacity(TOTAL);
+    for done in 0..CONNS {
+        let left = BOUND.saturating_sub(started.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(results) => outcomes.extend(results),
+            Err(e) => panic!(
+                "{done} of {CONNS} clients done after {:?} ({e}); server stderr tail:\n{}",
+                started.elapsed(),
+                tail(&server.stderr_text(), 20)
+            ),
+        }
+    }
+    let load_took = load_started.elapsed();
+
+    // Zero errors: show the first few, grouped, if there are any.
+    let mut errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (code, outcome) in &outcomes {
+        if let Err(why) = outcome {
+            errors.entry(why.clone()).or_default().push(code.clone());
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{} of {TOTAL} requests failed: {:#?}",
+        errors.values().map(Vec::len).sum::<usize>(),
+        errors
+            .iter()
+            .map(|(why, codes)| (why, codes.len(), &codes[..codes.len().min(3)]))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(outcomes.len(), TOTAL);
+
+    // Every code reached the bot exactly once, and nothing else did.
+    let received = bot.received();
+    let mut got: Vec<String> = received
+        .iter()
+        .map(|r| {
+            assert_eq!(r.error, None, "{r:?}");
+            assert_eq!(r.state, "gAAAAABnLoadState=");
+            r.code.clone()
+        })
+        .collect();
+    let distinct: HashSet<&String> = got.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        got.len(),
+        "some codes reached the bot more than once"
+    );
+    let mut sent: Vec<String> = outcomes.into_iter().map(|(c, _)| c).collect();
+    sent.sort();
+    got.sort();
+    assert_eq!(got.len(), TOTAL, "the bot received {} messages", got.len());
+    assert!(got == sent, "the bot's codes differ from those sent");
+
+    let status = server.stop();
+    assert!(status.success(), "exit status {status}");
+    let stderr = server.stderr_text();
+    let complaints: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(complaints.is_empty(), "server complained:\n{complaints:#?}");
+    eprintln!(
+        "load: {TOTAL} requests over {CONNS} connections in {load_took:?} \
+         ({:.0} req/s); whole test {:?}",
+        TOTAL as f64 / load_took.as_secs_f64(),
+        started.elapsed()
+    );
+    assert!(started.elapsed() < BOUND, "took {:?}", started.elapsed());
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
