@@ -336,6 +336,31 @@ impl Serving {
     }
 }
 
+/// How long the acceptor, at the cap, waits for a thread to come free.
+const FREE_WAIT: Duration = Duration::from_millis(100);
+
+/// Closes a connection whose request was not read in full without
+/// resetting it: over TCP, closing with unread input sends a reset, and the
+/// web server could lose the answer just written. Bounded by a short wait.
+fn linger(stream: Stream) {
+    let (shut, mut stream) = match stream {
+        Stream::Tcp(s) => (s.shutdown(std::net::Shutdown::Write), Stream::Tcp(s)),
+        // A Unix socket never resets: the answer stays readable.
+        Stream::Unix(_) => return,
+    };
+    if shut.is_err() || stream.set_timeouts(Duration::from_millis(50)).is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_millis(100);
+    while Instant::now() < deadline {
+        match stream.read(&mut sink) {
+            Ok(n) if n > 0 => continue,
+            _ => return,
+        }
+    }
+}
+
 /// accept() fails for reasons that pass (a client gone before accept,
 /// out of file descriptors for a moment); pausing briefly keeps a
 /// persistent failure from spinning a core.
@@ -348,7 +373,11 @@ fn accept_failed(e: io::Error) {
 /// there are and how many are waiting for work.
 struct Pool {
     queue: Mutex<PoolState>,
+    /// A connection is waiting for a thread.
     ready: Condvar,
+    /// A thread is waiting for a connection (signalled only when the
+    /// acceptor waits for one, to keep the common path free of wake-ups).
+    freed: Condvar,
     /// Requests inside the pipeline right now.
     in_flight: AtomicUsize,
     /// Connections being served (a request in flight, its answer being
@@ -361,6 +390,8 @@ struct PoolState {
     threads: usize,
     idle: usize,
     closed: bool,
+    /// The acceptor is at the cap, waiting on `freed` for a thread.
+    acceptor_waiting: bool,
 }
 
 /// Serves connections concurrently until stopped, then lets requests in
@@ -379,8 +410,10 @@ pub fn serve_pool(
             threads: 0,
             idle: 0,
             closed: false,
+            acceptor_waiting: false,
         }),
         ready: Condvar::new(),
+        freed: Condvar::new(),
         in_flight: AtomicUsize::new(0),
         active: AtomicUsize::new(0),
     });
@@ -425,11 +458,28 @@ pub fn serve_pool(
                 }
             }
         } else {
+            // Every thread is taken. One may be a moment from taking its next
+            // connection, so wait a little for it before calling this one
+            // overloaded.
+            state.acceptor_waiting = true;
+            let (mut state, _) = pool
+                .freed
+                .wait_timeout_while(state, FREE_WAIT, |s| s.idle <= s.waiting.len())
+                .unwrap_or_else(|p| p.into_inner());
+            state.acceptor_waiting = false;
+            if state.idle > state.waiting.len() {
+                state.waiting.push_back(stream);
+                drop(state);
+                pool.ready.notify_one();
+                continue;
+            }
             drop(state);
             warn!("at the cap of {max} connections: answering one connection 'overloaded'");
-            // Bounded: the reject reads at most one record with a short timeout.
+            // Bounded: the reject reads at most one record header, with a short timeout.
             let _ = stream.set_timeouts(Duration::from_millis(500));
-            let _ = fastcgi::reject_overloaded(&mut stream, &busy);
+            if fastcgi::reject_overloaded(&mut stream, &busy).is_ok() {
+                linger(stream);
+            }
         }
     }
     info!("stop requested: no new connections; finishing requests in flight");
@@ -470,6 +520,9 @@ fn worker(pool: &Pool, relay: &Relay, limits: &Limits) {
         let mut stream = {
             let mut state = lock(&pool.queue);
             state.idle += 1;
+            if state.acceptor_waiting {
+                pool.freed.notify_one();
+            }
             loop {
                 if let Some(s) = state.waiting.pop_front() {
                     state.idle -= 1;
