@@ -217,6 +217,31 @@ impl StopSignal {
         self.flag.load(Ordering::SeqCst)
     }
 
+    /// The next connection, with its timeouts set, or `None` once a stop
+    /// was asked for.
+    fn next_connection(
+        &self,
+        listener: &Listener,
+        io_timeout: Duration,
+    ) -> io::Result<Option<Stream>> {
+        while self.wait_for_connection(listener)? {
+            match listener.accept() {
+                Ok(stream) => {
+                    let _ = stream.set_timeouts(io_timeout);
+                    return Ok(Some(stream));
+                }
+                // Failures that pass (a client gone before accept, out of
+                // file descriptors for a moment); the pause keeps a lasting
+                // one from spinning a core.
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Blocks until the listener has a connection (true) or a stop was
     /// asked for (false).
     fn wait_for_connection(&self, listener: &Listener) -> io::Result<bool> {
@@ -279,15 +304,7 @@ pub fn serve_serial(
         response
     };
     info!("serving FastCGI on {}", listener.describe());
-    while stop.wait_for_connection(&listener)? {
-        let mut stream = match listener.accept() {
-            Ok(s) => s,
-            Err(e) => {
-                accept_failed(e);
-                continue;
-            }
-        };
-        let _ = stream.set_timeouts(io_timeout);
+    while let Some(mut stream) = stop.next_connection(&listener, io_timeout)? {
         *lock(&serving.conn) = Some(stream.fd());
         if let Err(e) = fastcgi::serve_connection(&mut stream, &handler, limits) {
             info!("FastCGI connection ended: {e}");
@@ -361,14 +378,6 @@ fn linger(stream: Stream) {
     }
 }
 
-/// accept() fails for reasons that pass (a client gone before accept,
-/// out of file descriptors for a moment); pausing briefly keeps a
-/// persistent failure from spinning a core.
-fn accept_failed(e: io::Error) {
-    warn!("accept failed: {e}");
-    thread::sleep(Duration::from_millis(10));
-}
-
 /// The pool's shared state: waiting connections and how many threads
 /// there are and how many are waiting for work.
 struct Pool {
@@ -427,15 +436,7 @@ pub fn serve_pool(
         listener.describe()
     );
     let mut workers = Vec::new();
-    while stop.wait_for_connection(&listener)? {
-        let mut stream = match listener.accept() {
-            Ok(s) => s,
-            Err(e) => {
-                accept_failed(e);
-                continue;
-            }
-        };
-        let _ = stream.set_timeouts(io_timeout);
+    while let Some(mut stream) = stop.next_connection(&listener, io_timeout)? {
         let mut state = lock(&pool.queue);
         if state.idle > state.waiting.len() {
             state.waiting.push_back(stream);
