@@ -21,8 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use apache::{Apache, HttpResponse, Mode};
-use sha2::{Digest, Sha256};
-use support::{Bot, ListenServer, TempDir};
+use support::{Bot, ListenServer, RefusingPort, TempDir, fingerprint};
 
 const APPROVED_HTML: &str = "You&#x27;re registered, welcome to the tournament!";
 const REFUSED_HTML: &str = "You&#x27;re already signed up!";
@@ -73,15 +72,6 @@ fn state() -> String {
 /// ending in `=`.
 fn fernet_state() -> String {
     format!("gAAAAAB{}=", random(112, B64URL))
-}
-
-/// The relay's log fingerprint of a code: 8 hex digits of its SHA-256.
-fn fingerprint(code: &str) -> String {
-    Sha256::digest(code.as_bytes())
-        .iter()
-        .take(4)
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn link(code: &str, state: &str) -> String {
@@ -239,7 +229,7 @@ impl Site {
             for (path, bytes) in &files {
                 for needle in &needles {
                     assert!(
-                        find(bytes, needle.as_bytes()).is_none(),
+                        apache::find(bytes, needle.as_bytes()).is_none(),
                         "[{}] {} contains {:?}... ({} bytes of a code or state)",
                         self.mode().name(),
                         path.display(),
@@ -252,33 +242,10 @@ impl Site {
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// The headers every page of the relay carries.
+/// The headers every page of the relay carries, each once, as Apache
+/// passes them on.
 fn assert_page_headers(mode: Mode, r: &HttpResponse) {
-    let name = mode.name();
-    assert_eq!(
-        r.header("Content-Type"),
-        Some("text/html; charset=utf-8"),
-        "[{name}] {r:?}"
-    );
-    assert_eq!(r.header("Cache-Control"), Some("no-store"), "[{name}]");
-    assert_eq!(r.header("Referrer-Policy"), Some("no-referrer"), "[{name}]");
-    assert_eq!(
-        r.header("X-Content-Type-Options"),
-        Some("nosniff"),
-        "[{name}]"
-    );
-    let csp = r
-        .header("Content-Security-Policy")
-        .unwrap_or_else(|| panic!("[{name}] no Content-Security-Policy: {r:?}"));
-    assert!(
-        csp.contains("frame-ancestors 'none'"),
-        "[{name}] CSP {csp:?}"
-    );
-    assert!(csp.contains("default-src 'none'"), "[{name}] CSP {csp:?}");
+    support::assert_security_headers_in(&r.headers, &format!("[{}] ", mode.name()));
 }
 
 fn assert_status(mode: Mode, r: &HttpResponse, status: u16, what: &str) {
@@ -546,29 +513,16 @@ fn cancel_and_bad_input(mode: Mode) {
     site.assert_no_secrets();
 }
 
-/// A loopback address where nothing listens, outside the ephemeral range:
-/// a port handed out by `bind(0)` could meanwhile go to a bot of a test
-/// running in parallel, which would then receive this test's code.
-fn refused_addr() -> String {
-    for port in [9u16, 47, 79, 119, 411, 599, 811] {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        if let Err(e) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
-            && e.kind() == std::io::ErrorKind::ConnectionRefused
-        {
-            return addr.to_string();
-        }
-    }
-    panic!("every candidate port below 1024 has a listener");
-}
-
-/// Nothing listens at the bot's address: 503 and a Try again button.
+/// Nothing listens at the bot's address: 503 and a Try again button. The
+/// port is held (bound, never listening) for the whole test, so no bot of a
+/// test running in parallel can get it and receive this test's code.
 fn bot_down(mode: Mode) {
-    let addr = refused_addr();
+    let down = RefusingPort::new();
     let settings = Settings {
         bot_retry: Some("0.5"),
         ..Settings::default()
     };
-    let mut site = Site::start(mode, &addr, settings);
+    let mut site = Site::start(mode, down.addr(), settings);
     let (c, s) = (code(), state());
     let r = site.sign_in(&c, &s);
     assert_status(mode, &r, 503, "bot down");

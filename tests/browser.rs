@@ -109,7 +109,12 @@ impl Driver {
                     .contains("transfer-encoding: chunked") =>
                 {
                     if body.ends_with("0\r\n\r\n") {
-                        break (head.to_string(), dechunk(body));
+                        let body = apache::dechunk(body.as_bytes())
+                            .map_err(|e| format!("chunked answer: {e}"))?;
+                        break (
+                            head.to_string(),
+                            String::from_utf8_lossy(&body).into_owned(),
+                        );
                     }
                 }
                 None => return Err(format!("no Content-Length in {head}")),
@@ -200,20 +205,6 @@ impl Drop for Session<'_> {
             .driver
             .call("DELETE", &format!("/session/{}", self.id), None);
     }
-}
-
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || tail.len() < n {
-            break;
-        }
-        out.push_str(&tail[..n]);
-        rest = tail[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 fn base64_decode(text: &str) -> Vec<u8> {

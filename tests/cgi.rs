@@ -10,50 +10,19 @@
 
 mod support;
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-use sha2::{Digest, Sha256};
+use std::time::{Duration, Instant};
 
 use support::*;
 
-const APPROVED: &str = "You're registered, welcome to the tournament!";
-const REFUSED: &str = "You're already signed up!";
-/// What the bot received when it was never contacted.
-const NOTHING: [(&str, &str); 0] = [];
 /// What a Fernet token from the bot looks like (urlsafe base64, `=` padded).
 const FERNET_BODY: &str = "gAAAAABnQ2x5c3RhdGVfZm9yX3RvdXJuZXlfcmVnaXN0ZXJfdGVzdHM";
 
 // ---------------------------------------------------------------------------
 // Local helpers
 // ---------------------------------------------------------------------------
-
-/// A long, unique, random-looking string: `prefix` then lowercase hex.
-fn unique(prefix: &str, len: usize) -> String {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let seed = RandomState::new();
-    let mut out = prefix.to_string();
-    while out.len() < len {
-        let mut h = seed.build_hasher();
-        h.write_usize(NEXT.fetch_add(1, Ordering::Relaxed));
-        h.write_u32(std::process::id());
-        h.write_u128(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-        );
-        out.push_str(&format!("{:016x}", h.finish()));
-    }
-    out.truncate(len);
-    out
-}
 
 /// An OAuth code as osu! hands them out (long), unique to this test.
 fn new_code() -> String {
@@ -63,153 +32,6 @@ fn new_code() -> String {
 /// A state without `=` (the Fernet cases have their own test).
 fn new_state() -> String {
     unique("gAAAAAB", 64)
-}
-
-/// The README's code fingerprint: first 8 hex digits of SHA-256(code).
-fn fingerprint(code: &str) -> String {
-    Sha256::digest(code.as_bytes())
-        .iter()
-        .take(4)
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// Undoes HTML escaping (named and numeric references), to find a text as
-/// the player reads it without depending on which escape form is used.
-fn unescape(html: &str) -> String {
-    let mut out = String::with_capacity(html.len());
-    let mut rest = html;
-    while let Some(i) = rest.find('&') {
-        out.push_str(&rest[..i]);
-        rest = &rest[i..];
-        let Some(end) = rest.find(';').filter(|&e| e <= 10) else {
-            out.push('&');
-            rest = &rest[1..];
-            continue;
-        };
-        let entity = &rest[1..end];
-        let decoded = match entity {
-            "amp" => Some('&'),
-            "lt" => Some('<'),
-            "gt" => Some('>'),
-            "quot" => Some('"'),
-            "apos" => Some('\''),
-            _ => entity
-                .strip_prefix("#x")
-                .or_else(|| entity.strip_prefix("#X"))
-                .and_then(|h| u32::from_str_radix(h, 16).ok())
-                .or_else(|| entity.strip_prefix('#').and_then(|d| d.parse().ok()))
-                .and_then(char::from_u32),
-        };
-        match decoded {
-            Some(c) => {
-                out.push(c);
-                rest = &rest[end + 1..];
-            }
-            None => {
-                out.push('&');
-                rest = &rest[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// The text of `<p id="message">…</p>` on the built-in page, unescaped.
-fn message_text(body: &str) -> String {
-    let start = body
-        .find("<p id=\"message\">")
-        .unwrap_or_else(|| panic!("no message paragraph in page:\n{body}"))
-        + "<p id=\"message\">".len();
-    let end = body[start..]
-        .find("</p>")
-        .unwrap_or_else(|| panic!("unterminated message paragraph:\n{body}"));
-    unescape(&body[start..start + end])
-}
-
-/// The `<h1>` text of the built-in page, unescaped.
-fn title_text(body: &str) -> String {
-    let start = body
-        .find("<h1>")
-        .unwrap_or_else(|| panic!("no <h1> in page:\n{body}"))
-        + 4;
-    let end = body[start..].find("</h1>").expect("unterminated <h1>");
-    unescape(&body[start..start + end])
-}
-
-/// The headers every page must carry (README, Responses).
-fn assert_security_headers(h: &HttpLike) {
-    let one = |name: &str| {
-        let all = h.header_all(name);
-        assert_eq!(all.len(), 1, "{name} headers: {all:?} in {:?}", h.headers);
-        all[0].to_string()
-    };
-    assert_eq!(one("Content-Type"), "text/html; charset=utf-8");
-    assert_eq!(one("Cache-Control"), "no-store");
-    assert_eq!(one("Referrer-Policy"), "no-referrer");
-    assert_eq!(one("X-Content-Type-Options"), "nosniff");
-    let csp = one("Content-Security-Policy");
-    assert!(csp.contains("frame-ancestors 'none'"), "CSP {csp:?}");
-    assert!(csp.contains("default-src 'none'"), "CSP {csp:?}");
-}
-
-/// Checks the log of one request: exactly one `outcome=` line, with the
-/// status and the code's fingerprint (or `-` without a code), and none of
-/// the `secrets` anywhere in stderr.
-fn assert_log(stderr: &str, status: u16, code: Option<&str>, secrets: &[&str]) {
-    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("outcome=")).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "want exactly one outcome= line; stderr:\n{stderr}"
-    );
-    let line = lines[0];
-    assert!(line.contains(" INFO "), "not an info line: {line}");
-    assert!(
-        line.split_whitespace()
-            .any(|w| w == format!("status={status}")),
-        "want status={status}: {line}"
-    );
-    assert!(
-        line.split_whitespace().any(|w| w
-            .strip_prefix("ms=")
-            .is_some_and(|ms| !ms.is_empty() && ms.bytes().all(|b| b.is_ascii_digit()))),
-        "no ms=N: {line}"
-    );
-    let logged = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("code="))
-        .unwrap_or_else(|| panic!("no code= field: {line}"));
-    match code {
-        Some(code) => {
-            assert_eq!(logged.len(), 8, "code= is not 8 hex digits: {line}");
-            assert!(
-                logged
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
-                "code= is not 8 hex digits: {line}"
-            );
-            assert_eq!(logged, fingerprint(code), "fingerprint of the code: {line}");
-        }
-        None => assert!(
-            logged == "-" || logged.len() == 8,
-            "code= neither - nor a fingerprint: {line}"
-        ),
-    }
-    for secret in secrets {
-        assert!(!secret.is_empty());
-        assert!(
-            !stderr.contains(secret),
-            "stderr contains a secret {secret:?}:\n{stderr}"
-        );
-        // A truncated copy would be just as bad.
-        let tail = &secret[secret.len().saturating_sub(24)..];
-        assert!(
-            !stderr.contains(tail),
-            "stderr contains part of a secret {tail:?}:\n{stderr}"
-        );
-    }
 }
 
 /// One CGI run's result.
@@ -270,26 +92,15 @@ impl Cgi {
         env.push(("PATH_INFO", path_info.as_bytes()));
         env.push(("QUERY_STRING", query));
         let run = run_cgi_raw(&env);
-        assert!(
-            !run.timed_out,
-            "CGI run did not finish; stderr:\n{}",
-            run.stderr
-        );
+        run.assert_finished();
         assert!(
             run.status.success(),
             "CGI must exit 0 whatever the HTTP status: {:?}; stderr:\n{}",
             run.status,
             run.stderr
         );
-        let http = try_parse_cgi(&run.stdout).unwrap_or_else(|e| {
-            panic!(
-                "malformed CGI output: {e}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                String::from_utf8_lossy(&run.stdout),
-                run.stderr
-            )
-        });
         Run {
-            http,
+            http: run.http(),
             stderr: run.stderr,
             elapsed: run.elapsed,
         }
@@ -311,89 +122,31 @@ fn assert_rejected(run: &Run, status: u16, bot: &Bot, secrets: &[&str]) {
     for s in secrets {
         assert!(!h.body.contains(s), "page shows a secret {s:?}");
     }
-    assert_log(&run.stderr, status, None, secrets);
+    assert_log(&run.stderr, 1, status, None, secrets);
     assert_eq!(bot.received(), NOTHING, "the bot must not be contacted");
 }
 
-/// Asserts the success page with `message`.
+/// Asserts the success page with `message` ([`assert_answer_page`]).
 fn assert_success_page(run: &Run, message: &str) {
     let h = &run.http;
     assert_eq!(h.status, 200, "body:\n{}\nstderr:\n{}", h.body, run.stderr);
-    assert_eq!(h.reason, "OK");
-    assert_security_headers(h);
-    assert!(h.body.contains("aria-label=\"Success\""), "{}", h.body);
-    assert!(!h.body.contains("aria-label=\"Failure\""));
-    assert_eq!(title_text(&h.body), "You're signed up");
-    assert_eq!(message_text(&h.body), message);
-    assert!(!h.body.contains("Try again"));
+    assert_answer_page(h, true, message);
 }
 
-/// Asserts the failure page for a refusal with `message`.
+/// Asserts the failure page for a refusal with `message` ([`assert_answer_page`]).
 fn assert_refusal_page(run: &Run, message: &str) {
     let h = &run.http;
     assert_eq!(h.status, 200, "body:\n{}\nstderr:\n{}", h.body, run.stderr);
-    assert_security_headers(h);
-    assert!(h.body.contains("aria-label=\"Failure\""), "{}", h.body);
-    assert!(!h.body.contains("aria-label=\"Success\""));
-    assert_eq!(title_text(&h.body), "Sign-up failed");
-    assert_eq!(message_text(&h.body), message);
-    assert!(!h.body.contains("Try again"));
+    assert_answer_page(h, false, message);
 }
 
 fn query(code: &str, state: &str) -> String {
     format!("code={code}&state={state}")
 }
 
-/// A TCP port on 127.0.0.1 that refuses connections for as long as this
-/// value lives: a socket bound to it but never listening. Unlike a port
-/// that was bound and released, nobody else can start listening there
-/// while a test counts on it being closed.
-struct RefusingPort {
-    _fd: std::os::fd::OwnedFd,
-    addr: String,
-}
-
-impl RefusingPort {
-    fn new() -> RefusingPort {
-        use std::os::fd::FromRawFd;
-        // SAFETY: plain socket(2); the fd is owned right away.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        // SAFETY: fd is a fresh socket nothing else owns.
-        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_in is plain data; zeroed is valid.
-        let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        sa.sin_family = libc::AF_INET as libc::sa_family_t;
-        sa.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
-        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        // SAFETY: valid sockaddr_in of length len.
-        let rc = unsafe { libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len) };
-        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-        // SAFETY: valid out-pointers of the right size.
-        let rc =
-            unsafe { libc::getsockname(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) };
-        assert_eq!(rc, 0, "getsockname: {}", std::io::Error::last_os_error());
-        let addr = format!("127.0.0.1:{}", u16::from_be(sa.sin_port));
-        assert!(
-            std::net::TcpStream::connect(&addr).is_err(),
-            "{addr} accepted a connection"
-        );
-        RefusingPort { _fd: owned, addr }
-    }
-
-    fn addr(&self) -> &str {
-        &self.addr
-    }
-}
-
 /// A bounded run of the binary with arguments (no CGI environment).
 fn run_args(args: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(bin());
-    cmd.args(args).env_clear();
-    if let Some(path) = std::env::var_os("PATH") {
-        cmd.env("PATH", path);
-    }
-    let (out, timed_out) = run_bounded(&mut cmd, None, RUN_TIMEOUT);
+    let (out, timed_out) = run_bin(args, &[], RUN_TIMEOUT);
     assert!(!timed_out, "{args:?} did not finish");
     out
 }
@@ -440,7 +193,7 @@ fn approve_and_refuse(wire: &str) {
     let got = &bot.received()[0];
     assert_eq!(got.keys, ["code", "state"], "exactly the two keys");
     assert_eq!(got.wire, wire);
-    assert_log(&run.stderr, 200, Some(&code), &[&code, &state]);
+    assert_log(&run.stderr, 1, 200, Some(&code), &[&code, &state]);
     assert!(run.stderr.contains("outcome=approved "), "{}", run.stderr);
 
     let bot = Bot::start(wire, "refuse");
@@ -450,7 +203,7 @@ fn approve_and_refuse(wire: &str) {
     assert_refusal_page(&run, REFUSED);
     assert_eq!(bot.received(), [(state.as_str(), code.as_str())]);
     assert_eq!(bot.received()[0].keys, ["code", "state"]);
-    assert_log(&run.stderr, 200, Some(&code), &[&code, &state]);
+    assert_log(&run.stderr, 1, 200, Some(&code), &[&code, &state]);
     assert!(run.stderr.contains("outcome=refused "), "{}", run.stderr);
 }
 
@@ -501,7 +254,7 @@ fn bot_on_a_unix_socket() {
         let run = site.get(&query(&code, &state));
         assert_success_page(&run, APPROVED);
         assert_eq!(bot.received(), [(state.as_str(), code.as_str())]);
-        assert_log(&run.stderr, 200, Some(&code), &[&code, &state]);
+        assert_log(&run.stderr, 1, 200, Some(&code), &[&code, &state]);
     }
 }
 
@@ -520,7 +273,7 @@ fn same_code_again_gets_the_first_answer_without_the_bot() {
         [(state.as_str(), code.as_str())],
         "a repeat must not reach the bot"
     );
-    assert_log(&again.stderr, 200, Some(&code), &[&code, &state]);
+    assert_log(&again.stderr, 1, 200, Some(&code), &[&code, &state]);
 }
 
 #[test]
@@ -546,7 +299,7 @@ fn fernet_state_padding_raw_or_percent_encoded_reaches_the_bot_unchanged() {
         let run = site.get(&format!("code={code}&state={token}{spelled}"));
         assert_success_page(&run, APPROVED);
         let state = format!("{token}==");
-        assert_log(&run.stderr, 200, Some(&code), &[&code, &token]);
+        assert_log(&run.stderr, 1, 200, Some(&code), &[&code, &token]);
         want.push((state, code));
     }
     // Also with the state first and a single `=`.
@@ -613,7 +366,7 @@ fn cancel_never_contacts_the_bot() {
         assert_security_headers(h);
         assert_eq!(title_text(&h.body), "Sign-in cancelled", "{q}");
         assert!(h.body.contains("aria-label=\"Failure\""));
-        assert_log(&run.stderr, 200, None, &[]);
+        assert_log(&run.stderr, 1, 200, None, &[]);
         assert!(run.stderr.contains("outcome=denied "), "{}", run.stderr);
     }
     assert_eq!(bot.received(), NOTHING, "a cancel must never reach the bot");
@@ -638,7 +391,7 @@ fn other_osu_errors_are_400_with_the_escaped_description() {
         h.body
     );
     assert!(!h.body.contains("<b>osu!"), "description not escaped");
-    assert_log(&run.stderr, 400, None, &[&state]);
+    assert_log(&run.stderr, 1, 400, None, &[&state]);
     assert_eq!(bot.received(), NOTHING);
 }
 
@@ -748,7 +501,7 @@ fn value_over_4096_bytes_is_400_and_query_over_8192_is_414() {
     assert_eq!(run.http.status, 400, "{}", run.http.body);
     assert_security_headers(&run.http);
     assert!(message_text(&run.http.body).contains("too long"));
-    assert_log(&run.stderr, 400, None, &[&long, &state]);
+    assert_log(&run.stderr, 1, 400, None, &[&long, &state]);
 
     let long_state = unique("gAAAAAB", 4097);
     let run = site.get(&query(&new_code(), &long_state));
@@ -769,7 +522,7 @@ fn value_over_4096_bytes_is_400_and_query_over_8192_is_414() {
     let run = site.get(&over);
     assert_eq!(run.http.status, 414, "{}", run.http.body);
     assert_security_headers(&run.http);
-    assert_log(&run.stderr, 414, None, &[&code3, &state]);
+    assert_log(&run.stderr, 1, 414, None, &[&code3, &state]);
 
     assert_eq!(
         bot.received(),
@@ -804,7 +557,7 @@ fn head_answers_without_a_body_and_does_not_spend_the_code() {
     assert_eq!(h.status, 200);
     assert_security_headers(h);
     assert!(h.body_bytes.is_empty(), "HEAD body: {:?}", h.body);
-    assert_log(&run.stderr, 200, Some(&code), &[&code, &state]);
+    assert_log(&run.stderr, 1, 200, Some(&code), &[&code, &state]);
     assert_eq!(bot.received(), NOTHING, "HEAD must not contact the bot");
 
     // The code is still good for the real click.
@@ -850,7 +603,7 @@ fn bot_down_is_503_with_a_try_again_link() {
     assert!(h.body.contains("href=\"\""), "Try again link: {}", h.body);
     assert!(h.body.contains("Try again"), "{}", h.body);
     assert!(!h.body.contains(&code) && !h.body.contains(&state));
-    assert_log(&run.stderr, 503, Some(&code), &[&code, &state]);
+    assert_log(&run.stderr, 1, 503, Some(&code), &[&code, &state]);
     // Retried for the window, but not much longer.
     assert!(
         run.elapsed >= Duration::from_millis(100) && run.elapsed < Duration::from_secs(6),
@@ -891,7 +644,7 @@ fn bot_silent_past_the_timeout_is_504() {
         run.elapsed
     );
     assert_eq!(bot.received(), [(state.as_str(), code.as_str())]);
-    assert_log(&run.stderr, 504, Some(&code), &[&code, &state]);
+    assert_log(&run.stderr, 1, 504, Some(&code), &[&code, &state]);
 }
 
 fn bad_reply_is_502(wire: &str, behaviour: &str) {
@@ -907,7 +660,7 @@ fn bad_reply_is_502(wire: &str, behaviour: &str) {
     assert!(!h.body.contains("xxxxxxxx"), "oversize text shown");
     assert!(run.elapsed < Duration::from_secs(6), "{:?}", run.elapsed);
     assert_eq!(bot.received(), [(state.as_str(), code.as_str())]);
-    assert_log(&run.stderr, 502, Some(&code), &[&code, &state]);
+    assert_log(&run.stderr, 1, 502, Some(&code), &[&code, &state]);
 }
 
 #[test]
@@ -968,7 +721,13 @@ fn run_raw_reply(reply: &[u8], wire: &str) -> Run {
         assert_eq!(j.get("code").and_then(Json::as_str), Some(code.as_str()));
         assert_eq!(j.get("state").and_then(Json::as_str), Some(state.as_str()));
     }
-    assert_log(&run.stderr, run.http.status, Some(&code), &[&code, &state]);
+    assert_log(
+        &run.stderr,
+        1,
+        run.http.status,
+        Some(&code),
+        &[&code, &state],
+    );
     run
 }
 
@@ -1107,7 +866,7 @@ fn a_configuration_error_is_still_one_outcome_line() {
     let (code, state) = (new_code(), new_state());
     let run = site.get(&query(&code, &state));
     assert_eq!(run.http.status, 500);
-    assert_log(&run.stderr, 500, None, &[&code, &state]);
+    assert_log(&run.stderr, 1, 500, None, &[&code, &state]);
 }
 
 #[test]
@@ -1192,7 +951,7 @@ fn every_kind_of_page_has_the_security_headers_and_one_log_line() {
             String::from_utf8_lossy(&query)
         );
         assert_security_headers(&run.http);
-        assert_log(&run.stderr, status, None, &[&code, &state]);
+        assert_log(&run.stderr, 1, status, None, &[&code, &state]);
         let len: usize = run
             .http
             .header("Content-Length")

@@ -19,9 +19,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-/// What `bot.py` answers by default.
-const APPROVED: &str = "You're registered, welcome to the tournament!";
-const REFUSED: &str = "You're already signed up!";
 /// The 504 page's message.
 const TIMED_OUT: &str = "Your sign-up may or may not have gone through.";
 /// The 503 page's message.
@@ -321,8 +318,9 @@ fn concurrent_repeats_across_cgi_processes_reach_the_bot_once() {
 #[test]
 fn a_failed_delivery_is_not_stored_so_the_reload_delivers() {
     let store = TempDir::new("st");
-    let down = closed_port_addr();
-    let port = down.rsplit(':').next().unwrap().to_string();
+    let refusing = RefusingPort::new();
+    let down = refusing.addr().to_string();
+    let port = refusing.port().to_string();
     let env = relay_env(&down, store.path_str(), &[("REGISTER_BOT_RETRY", "0")]);
     let q = query("bot-was-down-code");
 
@@ -330,7 +328,10 @@ fn a_failed_delivery_is_not_stored_so_the_reload_delivers() {
     assert_page(&first, 503, false, NOT_USED);
     assert!(first.body.contains("Try again"), "{}", first.body);
 
-    // The bot comes up on the address that was down.
+    // The bot comes up on the address that was down: the port is let go
+    // just for it (should anyone else take it meanwhile, the bot cannot
+    // start and the test fails; nothing else can get the code).
+    drop(refusing);
     let bot = Bot::start_with("json", "approve", &["--port", &port]);
     assert_eq!(bot.addr(), down);
     let (reload, _) = cgi(&env, &q);

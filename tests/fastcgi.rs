@@ -9,51 +9,20 @@
 
 mod support;
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::io::Write;
 use std::net::{Shutdown, TcpListener};
 use std::ops::{Deref, DerefMut};
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-use sha2::{Digest, Sha256};
+use std::time::{Duration, Instant};
 
 use support::*;
 
-const APPROVED: &str = "You're registered, welcome to the tournament!";
-const REFUSED: &str = "You're already signed up!";
-/// What the bot received when it was never contacted.
-const NOTHING: [(&str, &str); 0] = [];
 /// How long a server may take to close a connection it should drop.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------
 // Local helpers
 // ---------------------------------------------------------------------------
-
-/// A long, unique, random-looking string: `prefix` then lowercase hex.
-fn unique(prefix: &str, len: usize) -> String {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let seed = RandomState::new();
-    let mut out = prefix.to_string();
-    while out.len() < len {
-        let mut h = seed.build_hasher();
-        h.write_usize(NEXT.fetch_add(1, Ordering::Relaxed));
-        h.write_u32(std::process::id());
-        h.write_u128(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-        );
-        out.push_str(&format!("{:016x}", h.finish()));
-    }
-    out.truncate(len);
-    out
-}
 
 /// A code about as long as osu!'s (so QUERY_STRING needs a 4-byte length).
 fn new_code() -> String {
@@ -68,79 +37,6 @@ fn query(code: &str, state: &str) -> String {
     format!("code={code}&state={state}")
 }
 
-fn fingerprint(code: &str) -> String {
-    Sha256::digest(code.as_bytes())
-        .iter()
-        .take(4)
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// Undoes HTML escaping (named and numeric references).
-fn unescape(html: &str) -> String {
-    let mut out = String::with_capacity(html.len());
-    let mut rest = html;
-    while let Some(i) = rest.find('&') {
-        out.push_str(&rest[..i]);
-        rest = &rest[i..];
-        let decoded = rest.find(';').filter(|&e| e <= 10).and_then(|end| {
-            let entity = &rest[1..end];
-            let c = match entity {
-                "amp" => Some('&'),
-                "lt" => Some('<'),
-                "gt" => Some('>'),
-                "quot" => Some('"'),
-                "apos" => Some('\''),
-                _ => entity
-                    .strip_prefix("#x")
-                    .or_else(|| entity.strip_prefix("#X"))
-                    .and_then(|h| u32::from_str_radix(h, 16).ok())
-                    .or_else(|| entity.strip_prefix('#').and_then(|d| d.parse().ok()))
-                    .and_then(char::from_u32),
-            };
-            c.map(|c| (c, end))
-        });
-        match decoded {
-            Some((c, end)) => {
-                out.push(c);
-                rest = &rest[end + 1..];
-            }
-            None => {
-                out.push('&');
-                rest = &rest[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// The unescaped text between `open` and the next `close`.
-fn element_text(body: &str, open: &str, close: &str) -> String {
-    let start = body
-        .find(open)
-        .unwrap_or_else(|| panic!("no {open} in page:\n{body}"))
-        + open.len();
-    let end = body[start..]
-        .find(close)
-        .unwrap_or_else(|| panic!("unterminated {open}"));
-    unescape(&body[start..start + end])
-}
-
-fn assert_security_headers(h: &HttpLike) {
-    let one = |name: &str| {
-        let all = h.header_all(name);
-        assert_eq!(all.len(), 1, "{name} headers: {all:?} in {:?}", h.headers);
-        all[0].to_string()
-    };
-    assert_eq!(one("Content-Type"), "text/html; charset=utf-8");
-    assert_eq!(one("Cache-Control"), "no-store");
-    assert_eq!(one("Referrer-Policy"), "no-referrer");
-    assert_eq!(one("X-Content-Type-Options"), "nosniff");
-    let csp = one("Content-Security-Policy");
-    assert!(csp.contains("frame-ancestors 'none'"), "CSP {csp:?}");
-}
-
 /// A request that completed normally: protocol status, app status, the
 /// STDOUT stream ended, nothing on STDERR. Returns the parsed page.
 fn completed(reply: &FcgiReply) -> HttpLike {
@@ -151,103 +47,6 @@ fn completed(reply: &FcgiReply) -> HttpLike {
     let h = reply.http();
     assert_security_headers(&h);
     h
-}
-
-/// The success (`ok`) or refusal page with `message`.
-fn assert_answer_page(reply: &FcgiReply, ok: bool, message: &str) {
-    let h = completed(reply);
-    assert_eq!(h.status, 200, "{}", h.body);
-    let (mark, title) = if ok {
-        ("aria-label=\"Success\"", "You're signed up")
-    } else {
-        ("aria-label=\"Failure\"", "Sign-up failed")
-    };
-    assert!(h.body.contains(mark), "want {mark}:\n{}", h.body);
-    assert_eq!(element_text(&h.body, "<h1>", "</h1>"), title);
-    assert_eq!(element_text(&h.body, "<p id=\"message\">", "</p>"), message);
-    let len: usize = h
-        .header("Content-Length")
-        .and_then(|v| v.parse().ok())
-        .expect("Content-Length");
-    assert_eq!(len, h.body_bytes.len());
-}
-
-/// The `outcome=` lines in a server's stderr so far.
-fn outcome_lines(server: &Server) -> Vec<String> {
-    server
-        .stderr_text()
-        .lines()
-        .filter(|l| l.contains("outcome="))
-        .map(str::to_string)
-        .collect()
-}
-
-/// The server's log has exactly `n` outcome lines; the last one has
-/// `status` and the fingerprint of `code`; no secret appears anywhere.
-fn assert_log(server: &Server, n: usize, status: u16, code: &str, secrets: &[&str]) {
-    let lines = outcome_lines(server);
-    assert_eq!(lines.len(), n, "outcome lines:\n{}", server.stderr_text());
-    let last = lines.last().unwrap();
-    assert!(
-        last.split_whitespace()
-            .any(|w| w == format!("status={status}")),
-        "{last}"
-    );
-    assert!(
-        last.split_whitespace()
-            .any(|w| w == format!("code={}", fingerprint(code))),
-        "{last}"
-    );
-    let text = server.stderr_text();
-    for s in secrets {
-        assert!(!text.contains(s), "a secret in the log:\n{text}");
-        assert!(
-            !text.contains(&s[s.len() - 24..]),
-            "part of a secret in the log"
-        );
-    }
-}
-
-/// A TCP port on 127.0.0.1 that refuses connections for as long as this
-/// value lives: a socket bound to it but never listening. Unlike a port
-/// that was bound and released, nobody else can start listening there
-/// while a test counts on it being closed.
-struct RefusingPort {
-    _fd: std::os::fd::OwnedFd,
-    addr: String,
-}
-
-impl RefusingPort {
-    fn new() -> RefusingPort {
-        use std::os::fd::FromRawFd;
-        // SAFETY: plain socket(2); the fd is owned right away.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        // SAFETY: fd is a fresh socket nothing else owns.
-        let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_in is plain data; zeroed is valid.
-        let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        sa.sin_family = libc::AF_INET as libc::sa_family_t;
-        sa.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
-        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        // SAFETY: valid sockaddr_in of length len.
-        let rc = unsafe { libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len) };
-        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-        // SAFETY: valid out-pointers of the right size.
-        let rc =
-            unsafe { libc::getsockname(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) };
-        assert_eq!(rc, 0, "getsockname: {}", std::io::Error::last_os_error());
-        let addr = format!("127.0.0.1:{}", u16::from_be(sa.sin_port));
-        assert!(
-            std::net::TcpStream::connect(&addr).is_err(),
-            "{addr} accepted a connection"
-        );
-        RefusingPort { _fd: owned, addr }
-    }
-
-    fn addr(&self) -> &str {
-        &self.addr
-    }
 }
 
 /// Either kind of server, so one test body can run against all four.
@@ -313,17 +112,6 @@ fn start(kind: Kind, bot_addr: &str, extra: &[(&str, &str)]) -> (AnyServer, Temp
     (server, store)
 }
 
-/// Runs the binary with `args` and `env` (cleared environment), bounded.
-fn run_bin(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> (std::process::Output, bool) {
-    let mut cmd = Command::new(bin());
-    cmd.args(args).env_clear();
-    if let Some(path) = std::env::var_os("PATH") {
-        cmd.env("PATH", path);
-    }
-    cmd.envs(env.iter().copied());
-    run_bounded(&mut cmd, None, timeout)
-}
-
 /// After whatever a connection did: the process is alive and a fresh
 /// connection is served (success page, the bot gets exactly that code).
 fn assert_still_serves(server: &mut Server, bot: &Bot, why: &str) {
@@ -336,7 +124,7 @@ fn assert_still_serves(server: &mut Server, bot: &Bot, why: &str) {
     let (code, state) = (new_code(), new_state());
     let mut conn = server.connect();
     let reply = fcgi_get(&mut conn, 1, &query(&code, &state), false);
-    assert_answer_page(&reply, true, APPROVED);
+    assert_answer_page(&completed(&reply), true, APPROVED);
     let got = bot.received();
     assert_eq!(got.len(), before + 1, "after {why}: {got:?}");
     assert_eq!(got[before], (state.as_str(), code.as_str()), "after {why}");
@@ -354,7 +142,7 @@ fn approve_and_refuse(kind: Kind) {
             let (code, state) = (new_code(), new_state());
             let mut conn = server.connect();
             let reply = fcgi_get(&mut conn, 1, &query(&code, &state), false);
-            assert_answer_page(&reply, ok, message);
+            assert_answer_page(&completed(&reply), ok, message);
             let got = bot.received();
             assert_eq!(got, [(state.as_str(), code.as_str())], "{kind:?} {wire}");
             assert_eq!(got[0].keys, ["code", "state"]);
@@ -364,7 +152,7 @@ fn approve_and_refuse(kind: Kind) {
                 conn.closed_within(CLOSE_WAIT),
                 "{kind:?}: connection left open"
             );
-            assert_log(&server, 1, 200, &code, &[&code, &state]);
+            assert_log(&server.stderr_text(), 1, 200, Some(&code), &[&code, &state]);
             assert_eq!(server.stdout_text(), "", "stdout must stay empty");
         }
     }
@@ -421,7 +209,13 @@ fn bot_failures_map_to_gateway_statuses_over_fastcgi() {
         let h = completed(&reply);
         assert_eq!(h.status, status, "{}", h.body);
         assert_eq!(h.body.contains("Try again"), status == 503);
-        assert_log(&server, 1, status, &code, &[&code, &state]);
+        assert_log(
+            &server.stderr_text(),
+            1,
+            status,
+            Some(&code),
+            &[&code, &state],
+        );
     }
     assert_eq!(silent.received().len(), 1);
     assert_eq!(garbage.received().len(), 1);
@@ -457,7 +251,7 @@ fn head_has_no_body_and_post_with_a_body_is_405() {
 
     // The code was spent by neither.
     let reply = fcgi_get(&mut server.connect(), 1, &q, false);
-    assert_answer_page(&reply, true, APPROVED);
+    assert_answer_page(&completed(&reply), true, APPROVED);
     assert_eq!(bot.received(), [(state.as_str(), code.as_str())]);
 }
 
@@ -476,13 +270,13 @@ fn latin1_params_keep_the_query(kind: Kind) {
     // Even a name that is not UTF-8.
     params.insert(0, (b"HTTP_X_\xe9\xe8".to_vec(), b"\xe0".to_vec()));
     let reply = fcgi_request(&mut server.connect(), 1, &as_pairs(&params), false);
-    assert_answer_page(&reply, true, APPROVED);
+    assert_answer_page(&completed(&reply), true, APPROVED);
     assert_eq!(
         bot.received(),
         [(state.as_str(), code.as_str())],
         "{kind:?}: the bot must get the exact code and state"
     );
-    assert_log(&server, 1, 200, &code, &[&code, &state]);
+    assert_log(&server.stderr_text(), 1, 200, Some(&code), &[&code, &state]);
 }
 
 #[test]
@@ -531,7 +325,7 @@ fn params_spread_over_tiny_padded_records() {
         conn.flush().unwrap();
     }
     let reply = read_reply(&mut conn, id);
-    assert_answer_page(&reply, true, APPROVED);
+    assert_answer_page(&completed(&reply), true, APPROVED);
     assert_eq!(bot.received(), [(state.as_str(), code.as_str())]);
 }
 
@@ -547,7 +341,7 @@ fn keep_conn_serves_several_requests(kind: Kind) {
     for (i, (id, keep)) in [(1, true), (1, true), (7, false)].into_iter().enumerate() {
         let (code, state) = (new_code(), new_state());
         let reply = fcgi_get(&mut conn, id, &query(&code, &state), keep);
-        assert_answer_page(&reply, true, APPROVED);
+        assert_answer_page(&completed(&reply), true, APPROVED);
         want.push((state, code));
         let got = bot.received();
         assert_eq!(got.len(), i + 1);
@@ -555,7 +349,7 @@ fn keep_conn_serves_several_requests(kind: Kind) {
     }
     // The last request did not ask to keep the connection.
     assert!(conn.closed_within(CLOSE_WAIT), "{kind:?}: not closed");
-    assert_eq!(outcome_lines(&server).len(), 3);
+    assert_eq!(outcome_lines(&server.stderr_text()).len(), 3);
 }
 
 #[test]
@@ -609,7 +403,7 @@ fn get_values_and_unknown_management_records() {
         // The connection still carries a request afterwards.
         let (code, state) = (new_code(), new_state());
         let reply = fcgi_get(&mut conn, 3, &query(&code, &state), false);
-        assert_answer_page(&reply, true, APPROVED);
+        assert_answer_page(&completed(&reply), true, APPROVED);
         assert_eq!(
             bot.received().last().unwrap(),
             &(state.as_str(), code.as_str())
@@ -654,7 +448,7 @@ fn second_request_on_a_connection_is_cant_mpx(kind: Kind) {
     // Request 1 completes normally.
     write_record(&mut conn, FCGI_STDIN, 1, &[]).unwrap();
     let reply = read_reply(&mut conn, 1);
-    assert_answer_page(&reply, true, APPROVED);
+    assert_answer_page(&completed(&reply), true, APPROVED);
     assert_eq!(
         bot.received(),
         [(state1.as_str(), code1.as_str())],
@@ -707,12 +501,12 @@ fn abort_before_completion_never_contacts_the_bot(kind: Kind) {
             // request on the same connection is served.
             write_record(&mut conn, FCGI_STDIN, 9, &[]).unwrap();
             let reply = fcgi_get(&mut conn, 10, &query(&code2, &state2), false);
-            assert_answer_page(&reply, true, APPROVED);
+            assert_answer_page(&completed(&reply), true, APPROVED);
         } else {
             assert!(conn.closed_within(CLOSE_WAIT), "not closed after abort");
             assert!(server.try_wait().is_none(), "server died after an abort");
             let reply = fcgi_get(&mut server.connect(), 10, &query(&code2, &state2), false);
-            assert_answer_page(&reply, true, APPROVED);
+            assert_answer_page(&completed(&reply), true, APPROVED);
         }
         // The later request is the only one the bot ever saw.
         assert_eq!(
@@ -721,7 +515,13 @@ fn abort_before_completion_never_contacts_the_bot(kind: Kind) {
             "{kind:?} keep_conn={keep}"
         );
         assert!(!server.stderr_text().contains(&fingerprint(&code)));
-        assert_log(&server, 1, 200, &code2, &[&code, &state, &code2, &state2]);
+        assert_log(
+            &server.stderr_text(),
+            1,
+            200,
+            Some(&code2),
+            &[&code, &state, &code2, &state2],
+        );
     }
 }
 
@@ -887,7 +687,7 @@ fn malformed_requests_get_protocol_answers_without_the_bot() {
         conn.write_all(&bytes).unwrap();
         let (code2, state2) = (new_code(), new_state());
         let reply = fcgi_get(&mut conn, 6, &query(&code2, &state2), false);
-        assert_answer_page(&reply, true, APPROVED);
+        assert_answer_page(&completed(&reply), true, APPROVED);
         assert_eq!(
             bot.received().last().unwrap(),
             &(state2.as_str(), code2.as_str())
@@ -918,7 +718,7 @@ fn fd0_stalled_connection_is_dropped_and_the_next_is_served() {
     let started = Instant::now();
     let (code, state) = (new_code(), new_state());
     let reply = fcgi_get(&mut server.connect(), 1, &query(&code, &state), false);
-    assert_answer_page(&reply, true, APPROVED);
+    assert_answer_page(&completed(&reply), true, APPROVED);
     assert!(
         started.elapsed() < Duration::from_secs(8),
         "next connection waited {:?}",
@@ -956,7 +756,7 @@ fn listen_serves_concurrent_connections() {
     let mut want = Vec::new();
     for h in handles {
         let (code, state, reply) = h.join().expect("client thread");
-        assert_answer_page(&reply, true, APPROVED);
+        assert_answer_page(&completed(&reply), true, APPROVED);
         want.push((state, code));
     }
     let elapsed = started.elapsed();
@@ -976,7 +776,7 @@ fn listen_serves_concurrent_connections() {
     got.sort();
     want.sort();
     assert_eq!(got, want, "each code exactly once");
-    assert_eq!(outcome_lines(&server).len(), N);
+    assert_eq!(outcome_lines(&server.stderr_text()).len(), N);
 }
 
 #[test]
@@ -999,7 +799,7 @@ fn listen_past_the_connection_cap_answers_overloaded() {
         let (code, state) = (new_code(), new_state());
         let reply = fcgi_get(&mut server.connect(), 1, &query(&code, &state), false);
         if reply.protocol_status == FCGI_REQUEST_COMPLETE {
-            assert_answer_page(&reply, true, APPROVED);
+            assert_answer_page(&completed(&reply), true, APPROVED);
             assert_eq!(bot.received(), [(state.as_str(), code.as_str())]);
             break;
         }
@@ -1104,7 +904,7 @@ fn sigterm_stops_idle_servers_with_status_0() {
         // Serve one request first so the server is surely up and running.
         let (code, state) = (new_code(), new_state());
         let reply = fcgi_get(&mut server.connect(), 1, &query(&code, &state), false);
-        assert_answer_page(&reply, true, APPROVED);
+        assert_answer_page(&completed(&reply), true, APPROVED);
         // Idle: nothing in flight to wait for.
         let status = server
             .stop_within(Duration::from_secs(5))

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-const APPROVED: &str = "You're registered, welcome to the tournament!";
 const STATE_Q: &str = "gAAAAABnStopState%3D";
 
 fn query(code: &str) -> String {
@@ -68,20 +67,6 @@ fn get(server: &Server, query: &str) -> FcgiReply {
             server.stderr_text()
         )
     })
-}
-
-/// Polls `cond` every 10 ms until it holds or `timeout` passes.
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
 }
 
 // ---------------------------------------------------------------------------

@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-const APPROVED: &str = "You're registered, welcome to the tournament!";
-
 /// Sends `msg` the way the relay does (write, half-close) and reads to EOF.
 fn exchange_tcp(addr: &str, msg: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).expect("connect to bot");
@@ -343,9 +341,17 @@ fn bot_exits_cleanly_on_sigterm_even_with_a_silent_connection_open() {
 
 #[test]
 fn closed_port_refuses() {
-    let addr = closed_port_addr();
+    let port = RefusingPort::new();
+    let addr = port.addr();
     assert!(addr.starts_with("127.0.0.1:"));
-    assert!(TcpStream::connect(&addr).is_err());
+    assert_eq!(addr, format!("127.0.0.1:{}", port.port()));
+    assert!(TcpStream::connect(addr).is_err());
+    // While it lives, nobody else can listen there.
+    assert!(
+        std::net::TcpListener::bind(addr).is_err(),
+        "{addr} could be taken by another listener"
+    );
+    assert!(TcpStream::connect(addr).is_err());
 }
 
 // ---------------------------------------------------------------------------

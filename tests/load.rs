@@ -23,7 +23,8 @@ const PER_CONN: usize = 40;
 const TOTAL: usize = CONNS * PER_CONN;
 /// The whole run, bot and server start included.
 const BOUND: Duration = Duration::from_secs(120);
-const APPROVED: &str = "You&#x27;re registered, welcome to the tournament!";
+/// [`APPROVED`] as the page's autoescaping shows it.
+const APPROVED_HTML: &str = "You&#x27;re registered, welcome to the tournament!";
 const STATE_Q: &str = "gAAAAABnLoadState%3D";
 
 fn code(conn: usize, i: usize) -> String {
@@ -40,7 +41,7 @@ fn check(reply: Result<FcgiReply, String>) -> Result<(), String> {
         ));
     }
     let page = try_parse_cgi(&reply.stdout)?;
-    let shown = format!("<p id=\"message\">{APPROVED}</p>");
+    let shown = format!("<p id=\"message\">{APPROVED_HTML}</p>");
     if page.status != 200
         || !page.body.contains("aria-label=\"Success\"")
         || !page.body.contains(&shown)

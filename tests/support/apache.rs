@@ -445,11 +445,13 @@ fn bad(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+/// Where `needle` first stands in `haystack`.
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-fn dechunk(mut data: &[u8]) -> io::Result<Vec<u8>> {
+/// Decodes a complete `Transfer-Encoding: chunked` body (trailers ignored).
+pub fn dechunk(mut data: &[u8]) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
     loop {
         let line_end =

@@ -1,8 +1,10 @@
 //! Shared harness for the integration tests (`mod support;`).
 //!
-//! Std only, and independent of the crate's own code: the FastCGI client,
-//! the CGI output parser and the little JSON reader here are written from the
-//! specs, so a bug in `src/` cannot hide behind the same bug in the tests.
+//! Independent of the crate's own code: the FastCGI client, the CGI output
+//! parser and the little JSON reader here are written from the specs, so a
+//! bug in `src/` cannot hide behind the same bug in the tests. Std only, but
+//! for `libc` ([`RefusingPort`]: std cannot bind without listening) and
+//! `sha2` ([`fingerprint`]).
 //!
 //! Everything that waits is bounded, and every child process is owned by a
 //! value that kills it on drop, so a failing (panicking) test leaves nothing
@@ -11,8 +13,11 @@
 //! Pieces:
 //! - [`bin`], [`run_cgi`], [`run_cgi_raw`]: the binary in CGI mode.
 //! - [`Bot`]: the Python stand-in for the discord cog (`tests/peer/bot.py`).
-//! - [`closed_port_addr`]: an address where nothing listens.
+//! - [`RefusingPort`]: an address where nothing listens, kept that way.
 //! - [`HttpLike`], [`parse_cgi`]: CGI-form output (`Status:` + headers + body).
+//! - Test data and checks shared by the suites: [`unique`], [`fingerprint`],
+//!   [`unescape`], [`title_text`], [`message_text`],
+//!   [`assert_security_headers`], [`assert_answer_page`], [`assert_log`].
 //! - FastCGI client: [`fcgi_request`], [`fcgi_get`], [`get_params`],
 //!   [`write_record`], [`read_record`], [`encode_pairs`], [`decode_pairs`], ...
 //! - [`Fd0Server`] (listening socket as fd 0, as mod_fcgid / spawn-fcgi do)
@@ -22,12 +27,14 @@
 
 #![allow(dead_code)]
 
+use std::collections::hash_map::RandomState;
 use std::ffi::OsStr;
 use std::fs::{self, File};
+use std::hash::{BuildHasher, Hasher};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::ops::{Deref, DerefMut};
-use std::os::fd::OwnedFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -35,7 +42,9 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
 
 /// How long a bot may take to print its `listening on` line.
 pub const BOT_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,6 +62,26 @@ const POLL: Duration = Duration::from_millis(10);
 /// The binary under test.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tourney-register"))
+}
+
+/// The binary under test with a cleared environment but for `PATH`, so
+/// nothing from the test run's environment (`REGISTER_*`, `RUST_LOG`) leaks in.
+fn bin_command() -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.env_clear();
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    cmd
+}
+
+/// Runs the binary with `args` and `env` on top of [`bin_command`]'s cleared
+/// environment, stdin /dev/null; killed after `timeout`. The flag says
+/// whether it was killed.
+pub fn run_bin(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> (Output, bool) {
+    let mut cmd = bin_command();
+    cmd.args(args).envs(env.iter().copied());
+    run_bounded(&mut cmd, None, timeout)
 }
 
 /// `tests/peer/bot.py`.
@@ -121,6 +150,21 @@ pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
             Ok(None) => thread::sleep(POLL),
             Err(e) => panic!("waiting for pid {}: {e}", child.id()),
         }
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds (true) or `timeout` passes
+/// (false). `cond` is always tried at least once.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(POLL);
     }
 }
 
@@ -227,6 +271,13 @@ pub fn python(code: &str, args: &[&str], input: &[u8]) -> Output {
 // ---------------------------------------------------------------------------
 // The bot peer
 // ---------------------------------------------------------------------------
+
+/// What `tests/peer/bot.py` answers with `approve` or `slow` (no `--message`).
+pub const APPROVED: &str = "You're registered, welcome to the tournament!";
+/// What `tests/peer/bot.py` answers with `refuse` (no `--message`).
+pub const REFUSED: &str = "You're already signed up!";
+/// What [`Bot::received`] equals when the bot was never contacted.
+pub const NOTHING: [(&str, &str); 0] = [];
 
 /// One message as the bot recorded it (see `tests/peer/bot.py`).
 ///
@@ -400,14 +451,12 @@ impl Bot {
     /// Waits (bounded) until at least `n` messages are recorded, then returns
     /// them all. Returns what is there after `timeout` either way.
     pub fn wait_received(&self, n: usize, timeout: Duration) -> Vec<Received> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let got = self.received();
-            if got.len() >= n || Instant::now() >= deadline {
-                return got;
-            }
-            thread::sleep(POLL);
-        }
+        let mut got = Vec::new();
+        wait_until(timeout, || {
+            got = self.received();
+            got.len() >= n
+        });
+        got
     }
 
     pub fn stderr_text(&self) -> String {
@@ -445,12 +494,61 @@ impl Drop for Bot {
     }
 }
 
-/// `127.0.0.1:PORT` where nothing listens (bound to port 0, then dropped).
-pub fn closed_port_addr() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
-    let addr = listener.local_addr().expect("local_addr");
-    drop(listener);
-    addr.to_string()
+/// A TCP port on 127.0.0.1 that refuses connections for as long as this
+/// value lives: a socket bound to it but never listening. Unlike a port
+/// that was bound and released, nobody else can start listening there
+/// while a test counts on it being closed. (Binding without listening
+/// needs libc: std's `TcpListener::bind` listens at once.)
+pub struct RefusingPort {
+    _fd: OwnedFd,
+    port: u16,
+    addr: String,
+}
+
+impl RefusingPort {
+    /// Binds a fresh socket to `127.0.0.1:0`; panics if a connection to the
+    /// port it got is not refused.
+    pub fn new() -> RefusingPort {
+        // SAFETY: plain socket(2); the fd is owned right away.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+        // SAFETY: fd is a fresh socket nothing else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_in is plain data; zeroed is valid.
+        let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        sa.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: valid sockaddr_in of length len.
+        let rc = unsafe { libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len) };
+        assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+        // SAFETY: valid out-pointers of the right size.
+        let rc =
+            unsafe { libc::getsockname(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) };
+        assert_eq!(rc, 0, "getsockname: {}", io::Error::last_os_error());
+        let port = u16::from_be(sa.sin_port);
+        let addr = format!("127.0.0.1:{port}");
+        assert!(
+            TcpStream::connect(&addr).is_err(),
+            "{addr} accepted a connection"
+        );
+        RefusingPort {
+            _fd: owned,
+            port,
+            addr,
+        }
+    }
+
+    /// `127.0.0.1:PORT`: usable as `REGISTER_BOT_ADDR`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The port. It stays closed only while `self` lives: drop `self` just
+    /// before something of the test's own is to listen there.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
 }
 
 /// A free `127.0.0.1` port (bound to 0, then dropped).
@@ -570,14 +668,33 @@ pub struct CgiRun {
     pub timed_out: bool,
 }
 
+impl CgiRun {
+    /// Panics (showing stderr) if the run was killed after [`RUN_TIMEOUT`].
+    pub fn assert_finished(&self) {
+        assert!(
+            !self.timed_out,
+            "CGI run did not finish within {RUN_TIMEOUT:?}; stderr:\n{}",
+            self.stderr
+        );
+    }
+
+    /// Stdout parsed as CGI output; panics (showing stdout and stderr) if
+    /// it is malformed.
+    pub fn http(&self) -> HttpLike {
+        try_parse_cgi(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "malformed CGI output: {e}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                String::from_utf8_lossy(&self.stdout),
+                self.stderr
+            )
+        })
+    }
+}
+
 /// Runs the binary as CGI: `env_clear()` + `PATH` + `env`, stdin /dev/null,
 /// killed after [`RUN_TIMEOUT`]. Values are raw bytes (for non-UTF-8 tests).
 pub fn run_cgi_raw(env: &[(&str, &[u8])]) -> CgiRun {
-    let mut cmd = Command::new(bin());
-    cmd.env_clear();
-    if let Some(path) = std::env::var_os("PATH") {
-        cmd.env("PATH", path);
-    }
+    let mut cmd = bin_command();
     for (name, value) in env {
         cmd.env(name, OsStr::from_bytes(value));
     }
@@ -597,19 +714,255 @@ pub fn run_cgi_raw(env: &[(&str, &[u8])]) -> CgiRun {
 pub fn run_cgi(env: &[(&str, &str)]) -> (HttpLike, String, ExitStatus) {
     let raw: Vec<(&str, &[u8])> = env.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
     let run = run_cgi_raw(&raw);
-    assert!(
-        !run.timed_out,
-        "CGI run did not finish within {RUN_TIMEOUT:?}; stderr:\n{}",
-        run.stderr
+    run.assert_finished();
+    (run.http(), run.stderr, run.status)
+}
+
+// ---------------------------------------------------------------------------
+// Test data, pages and logs
+// ---------------------------------------------------------------------------
+
+/// A long, unique, random-looking string: `prefix` then lowercase hex, `len`
+/// bytes in all. Distinct in every call, in every process, so runs never see
+/// each other's answers and a leak into a log cannot be mistaken for
+/// anything else.
+pub fn unique(prefix: &str, len: usize) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let seed = RandomState::new();
+    let mut out = prefix.to_string();
+    while out.len() < len {
+        let mut h = seed.build_hasher();
+        h.write_usize(NEXT.fetch_add(1, Ordering::Relaxed));
+        h.write_u32(std::process::id());
+        h.write_u128(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out.truncate(len);
+    out
+}
+
+/// The README's code fingerprint, as the relay logs it (`code=...`): the
+/// first 8 hex digits of SHA-256(code).
+pub fn fingerprint(code: &str) -> String {
+    Sha256::digest(code.as_bytes())
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Undoes HTML escaping (named and numeric references), to find a text as
+/// the player reads it without depending on which escape form is used.
+pub fn unescape(html: &str) -> String {
+    let mut out = String::with_capacity(html.len());
+    let mut rest = html;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        let Some(end) = rest.find(';').filter(|&e| e <= 10) else {
+            out.push('&');
+            rest = &rest[1..];
+            continue;
+        };
+        let entity = &rest[1..end];
+        let decoded = match entity {
+            "amp" => Some('&'),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            _ => entity
+                .strip_prefix("#x")
+                .or_else(|| entity.strip_prefix("#X"))
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                .or_else(|| entity.strip_prefix('#').and_then(|d| d.parse().ok()))
+                .and_then(char::from_u32),
+        };
+        match decoded {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[end + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The unescaped text between the first `open` and the next `close`;
+/// panics (showing the page) if either is missing.
+pub fn element_text(body: &str, open: &str, close: &str) -> String {
+    let start = body
+        .find(open)
+        .unwrap_or_else(|| panic!("no {open} in page:\n{body}"))
+        + open.len();
+    let end = body[start..]
+        .find(close)
+        .unwrap_or_else(|| panic!("unterminated {open} in page:\n{body}"));
+    unescape(&body[start..start + end])
+}
+
+/// The `<h1>` text of the built-in page, unescaped.
+pub fn title_text(body: &str) -> String {
+    element_text(body, "<h1>", "</h1>")
+}
+
+/// The text of `<p id="message">…</p>` on the built-in page, unescaped.
+pub fn message_text(body: &str) -> String {
+    element_text(body, "<p id=\"message\">", "</p>")
+}
+
+/// The headers every page of the relay carries (README, Responses), each
+/// exactly once.
+pub fn assert_security_headers(h: &HttpLike) {
+    assert_security_headers_in(&h.headers, "");
+}
+
+/// [`assert_security_headers`] on a header list of any response (`name`,
+/// `value` pairs; names case-insensitive), e.g. one read through Apache.
+/// `context` starts every failure message.
+pub fn assert_security_headers_in(headers: &[(String, String)], context: &str) {
+    let one = |name: &str| {
+        let all: Vec<&str> = headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(
+            all.len(),
+            1,
+            "{context}{name} headers: {all:?} in {headers:?}"
+        );
+        all[0].to_string()
+    };
+    assert_eq!(
+        one("Content-Type"),
+        "text/html; charset=utf-8",
+        "{context}Content-Type"
     );
-    let http = try_parse_cgi(&run.stdout).unwrap_or_else(|e| {
-        panic!(
-            "malformed CGI output: {e}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            String::from_utf8_lossy(&run.stdout),
-            run.stderr
+    assert_eq!(one("Cache-Control"), "no-store", "{context}Cache-Control");
+    assert_eq!(
+        one("Referrer-Policy"),
+        "no-referrer",
+        "{context}Referrer-Policy"
+    );
+    assert_eq!(
+        one("X-Content-Type-Options"),
+        "nosniff",
+        "{context}X-Content-Type-Options"
+    );
+    let csp = one("Content-Security-Policy");
+    assert!(
+        csp.contains("frame-ancestors 'none'"),
+        "{context}CSP {csp:?}"
+    );
+    assert!(csp.contains("default-src 'none'"), "{context}CSP {csp:?}");
+}
+
+/// The built-in page for a bot's answer: 200 OK with the security headers,
+/// the check mark (`ok`) or the cross and not the other, the matching title,
+/// exactly `message`, no "Try again", and a Content-Length that is the
+/// body's length.
+pub fn assert_answer_page(h: &HttpLike, ok: bool, message: &str) {
+    assert_eq!(h.status, 200, "{}", h.body);
+    assert_eq!(h.reason, "OK");
+    assert_security_headers(h);
+    let (mark, other, title) = if ok {
+        (
+            "aria-label=\"Success\"",
+            "aria-label=\"Failure\"",
+            "You're signed up",
         )
-    });
-    (http, run.stderr, run.status)
+    } else {
+        (
+            "aria-label=\"Failure\"",
+            "aria-label=\"Success\"",
+            "Sign-up failed",
+        )
+    };
+    assert!(h.body.contains(mark), "want {mark}:\n{}", h.body);
+    assert!(!h.body.contains(other), "both marks:\n{}", h.body);
+    assert_eq!(title_text(&h.body), title);
+    assert_eq!(message_text(&h.body), message);
+    assert!(!h.body.contains("Try again"), "{}", h.body);
+    let len: usize = h
+        .header("Content-Length")
+        .and_then(|v| v.parse().ok())
+        .expect("Content-Length");
+    assert_eq!(len, h.body_bytes.len());
+}
+
+/// The relay's per-request (`outcome=`) lines in `log`.
+pub fn outcome_lines(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains("outcome=")).collect()
+}
+
+/// Checks a relay's log after `n` requests: exactly `n` `outcome=` lines,
+/// the last an INFO line with `status=STATUS`, `ms=N` and `code=` the
+/// [`fingerprint`] of `code` (without a code: `-` or some fingerprint);
+/// and none of the `secrets`, nor the last 24 bytes of one, anywhere in `log`.
+pub fn assert_log(log: &str, n: usize, status: u16, code: Option<&str>, secrets: &[&str]) {
+    let lines = outcome_lines(log);
+    assert_eq!(
+        lines.len(),
+        n,
+        "want exactly {n} outcome= line(s); log:\n{log}"
+    );
+    let line = *lines.last().expect("no outcome= line");
+    assert!(line.contains(" INFO "), "not an info line: {line}");
+    assert!(
+        line.split_whitespace()
+            .any(|w| w == format!("status={status}")),
+        "want status={status}: {line}"
+    );
+    assert!(
+        line.split_whitespace().any(|w| w
+            .strip_prefix("ms=")
+            .is_some_and(|ms| !ms.is_empty() && ms.bytes().all(|b| b.is_ascii_digit()))),
+        "no ms=N: {line}"
+    );
+    let logged = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("code="))
+        .unwrap_or_else(|| panic!("no code= field: {line}"));
+    match code {
+        Some(code) => {
+            assert_eq!(logged.len(), 8, "code= is not 8 hex digits: {line}");
+            assert!(
+                logged
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                "code= is not 8 hex digits: {line}"
+            );
+            assert_eq!(logged, fingerprint(code), "fingerprint of the code: {line}");
+        }
+        None => assert!(
+            logged == "-" || logged.len() == 8,
+            "code= neither - nor a fingerprint: {line}"
+        ),
+    }
+    for secret in secrets {
+        assert!(!secret.is_empty());
+        assert!(
+            !log.contains(secret),
+            "the log contains a secret {secret:?}:\n{log}"
+        );
+        // A truncated copy would be just as bad.
+        let tail = &secret[secret.len().saturating_sub(24)..];
+        assert!(
+            !log.contains(tail),
+            "the log contains part of a secret {tail:?}:\n{log}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1182,12 +1535,9 @@ impl Server {
     ) -> Server {
         let stderr = dir.join("stderr.log");
         let stdout = dir.join("stdout.log");
-        let mut cmd = Command::new(bin());
-        cmd.args(args).env_clear();
-        if let Some(path) = std::env::var_os("PATH") {
-            cmd.env("PATH", path);
-        }
-        cmd.envs(env.iter().copied())
+        let mut cmd = bin_command();
+        cmd.args(args)
+            .envs(env.iter().copied())
             .stdin(stdin)
             .stdout(File::create(&stdout).expect("server stdout file"))
             .stderr(File::create(&stderr).expect("server stderr file"));
@@ -1290,16 +1640,7 @@ impl Server {
 
     /// Waits (bounded) for `needle` to appear in stderr.
     pub fn wait_stderr_contains(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.stderr_text().contains(needle) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            thread::sleep(POLL);
-        }
+        wait_until(timeout, || self.stderr_text().contains(needle))
     }
 }
 
