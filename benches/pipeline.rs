@@ -1,16 +1,20 @@
 //! The in-process path of one request, without sockets: parse the
 //! callback, encode the message for the bot, decode its reply, render the
-//! page. Run with `cargo bench --bench pipeline`.
+//! page; the replay store's first delivery and repeat; one exchange with
+//! a bot over loopback TCP. Run with
+//! `cargo bench --bench pipeline`.
 
 use std::hint::black_box;
+use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use tourney_register::bot::{self, BotReply};
 use tourney_register::callback;
-use tourney_register::config::{Config, Wire};
+use tourney_register::config::{BotAddr, Config, Wire};
 use tourney_register::http::Request;
 use tourney_register::page::{Outcome, Page};
 use tourney_register::relay::Relay;
+use tourney_register::replay::Store;
 
 /// A code and state of the sizes osu! and the bot really produce.
 fn request() -> Request {
@@ -70,5 +74,102 @@ fn pipeline(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, pipeline);
+/// The replay store's first delivery of a code (lock, look up, save the
+/// answer), with the bot answering in process. The directory is under
+/// target/, on the same file system as a real store would be, since the
+/// cost is mostly the file system's: `REGISTER_STATE_DIR` (or
+/// `BENCH_STATE_DIR`) picks another.
+fn store(c: &mut Criterion) {
+    let dir = std::env::var_os("BENCH_STATE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench/store-bench")
+        });
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Store::open(&dir, Duration::from_secs(600)).unwrap_or_else(|e| panic!("{e}"));
+    let reply = BotReply {
+        success: true,
+        message: "You're registered, welcome to the tournament!".into(),
+    };
+    let code = "def50200".repeat(128);
+    let mut group = c.benchmark_group("replay store");
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(3));
+    let mut n = 0u64;
+    group.bench_function("first delivery", |b| {
+        b.iter(|| {
+            n += 1;
+            store.deliver_once(&format!("{code}{n}"), Duration::from_secs(1), || {
+                Ok(reply.clone())
+            })
+        })
+    });
+    group.bench_function("repeat (replayed)", |b| {
+        b.iter(|| {
+            store.deliver_once(&format!("{code}1"), Duration::from_secs(1), || {
+                Ok(reply.clone())
+            })
+        })
+    });
+    group.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One exchange with a bot over loopback TCP (connect, send, half-close,
+/// read the reply to EOF), the peer a thread answering at once. Wall time
+/// of both ends, so mostly the kernel's: the relay's own share is about
+/// half.
+fn exchange(c: &mut Criterion) {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let reply = br#"{"success":true,"message":"You're registered, welcome to the tournament!"}"#;
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            buf.clear();
+            if conn.read_to_end(&mut buf).is_ok() {
+                let _ = conn.write_all(reply);
+            }
+        }
+    });
+    let mut config = Config::from_lookup(|_| None).unwrap_or_else(|e| panic!("{e}"));
+    config.bot_addr = BotAddr::Tcp(vec![addr]);
+    let code = "def50200".repeat(128);
+    let mut group = c.benchmark_group("bot");
+    group.sample_size(30);
+    group.bench_function("exchange over loopback TCP", |b| {
+        b.iter(|| bot::exchange(&config, "state=", black_box(&code)))
+    });
+    // The same, timed by the CPU the calling thread uses (user and kernel,
+    // the loopback's packet work included), which the peer thread and
+    // other load on the machine hardly change: what one exchange costs
+    // the relay.
+    group.bench_function("exchange over loopback TCP, relay thread CPU", |b| {
+        b.iter_custom(|iters| {
+            let start = thread_cpu();
+            for _ in 0..iters {
+                let _ = black_box(bot::exchange(&config, "state=", black_box(&code)));
+            }
+            thread_cpu().saturating_sub(start)
+        })
+    });
+    group.finish();
+}
+
+/// CPU time used so far by the calling thread.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; the clock id is supported on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+criterion_group!(benches, pipeline, store, exchange);
 criterion_main!(benches);

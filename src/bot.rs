@@ -147,23 +147,30 @@ fn talk(conn: &mut Conn, message: &[u8], deadline: Instant) -> Result<Vec<u8>, B
     conn.write_all(message).map_err(io_error)?;
     // The bot reads to EOF, so the half-close is what makes it answer.
     conn.shutdown_write().map_err(io_error)?;
-    let mut reply = Vec::with_capacity(256);
-    let mut buf = [0u8; 8192];
+    // Read straight into the reply, grown as needed: no 8 KiB buffer on
+    // the stack of each thread (in --listen mode, hundreds of them, whose
+    // touched stack pages stay resident).
+    let mut reply = vec![0u8; 512];
+    let mut len = 0;
     loop {
         conn.set_read_timeout(remaining(deadline)?)
             .map_err(io_error)?;
-        let n = match conn.read(&mut buf) {
+        if len == reply.len() {
+            reply.resize((len * 2).min(MAX_REPLY + 1), 0);
+        }
+        let n = match conn.read(&mut reply[len..]) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(io_error(e)),
         };
         if n == 0 {
+            reply.truncate(len);
             return Ok(reply);
         }
-        if reply.len() + n > MAX_REPLY {
+        len += n;
+        if len > MAX_REPLY {
             return Err(BotError::TooLarge);
         }
-        reply.extend_from_slice(&buf[..n]);
     }
 }
 
@@ -527,6 +534,56 @@ mod tests {
         assert_eq!(exchange(&c, "a", "b").unwrap().message, "already");
         assert_eq!(peer.join().unwrap(), br#"{"state":"a","code":"b"}"#);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_connect_that_hangs_times_out_within_the_bound() {
+        use std::os::fd::AsRawFd;
+        // A listener that never accepts, its queue full: Linux drops
+        // further SYNs, so a connect hangs until its timeout.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: a valid listening socket; listen() again resizes its queue.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        let addr = listener.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+                Ok(s) => fillers.push(s),
+                Err(e) => assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}"),
+            }
+        }
+        assert!(fillers.len() < 4, "the listener's queue never filled");
+        let c = config_for(BotAddr::Tcp(vec![addr]), 300, 0);
+        let started = Instant::now();
+        let err = exchange(&c, "s", "c").unwrap_err();
+        let took = started.elapsed();
+        assert!(matches!(err, BotError::Timeout), "{err}");
+        assert!(
+            took >= Duration::from_millis(290) && took < Duration::from_millis(1500),
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn a_reply_of_exactly_the_limit_is_read_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut msg = Vec::new();
+            s.read_to_end(&mut msg).unwrap();
+            // {"success":true,"message":"xxx…"} padded to MAX_REPLY bytes.
+            let head = br#"{"success":true,"message":""#;
+            let mut body = head.to_vec();
+            body.resize(MAX_REPLY - 2, b'x');
+            body.extend_from_slice(br#""}"#);
+            s.write_all(&body).unwrap();
+        });
+        let c = config_for(BotAddr::Tcp(vec![addr]), 5000, 0);
+        let reply = exchange(&c, "s", "c").unwrap();
+        assert!(reply.success);
+        assert_eq!(reply.message.len(), MAX_REPLY - 2 - 27);
+        peer.join().unwrap();
     }
 
     #[test]

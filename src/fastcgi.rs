@@ -263,12 +263,20 @@ pub fn serve_connection<S: Read + Write>(
                 }
                 params.extend_from_slice(&content);
             }
+            STDIN if content.is_empty() && !req.keep_conn => {
+                // The connection's last request: nothing after it is read,
+                // so the read buffer and the record buffers are given back
+                // before the handler waits on the bot (in --listen mode
+                // hundreds of threads wait at once, each holding its own).
+                let request = request_of(id, &params);
+                drop((content, params));
+                let stream = reader.into_inner();
+                answer(id, request, handler, &mut out);
+                return send(stream, &out);
+            }
             STDIN if content.is_empty() => {
-                answer(id, &params, handler, &mut out);
+                answer(id, request_of(id, &params), handler, &mut out);
                 send(reader.get_mut(), &out)?;
-                if !req.keep_conn {
-                    return Ok(());
-                }
                 active = None;
             }
             STDIN => {
@@ -367,17 +375,27 @@ fn parse_begin(content: &[u8]) -> io::Result<(u16, bool)> {
     }
 }
 
-/// Runs the handler on a complete request and encodes its response.
-fn answer(id: u16, params: &[u8], handler: &dyn Fn(&Request) -> Response, out: &mut Vec<u8>) {
-    let cgi = match parse_pairs(params) {
-        Some(pairs) => {
-            let req = Request::from_params(pairs);
-            handler(&req).to_cgi_bytes(req.is_head())
-        }
-        None => {
-            log::warn!("fastcgi: request {id}: malformed params, answered 400");
-            plain_text(400, "malformed FastCGI params\n")
-        }
+/// The request a complete PARAMS stream describes, or `None` (logged)
+/// when it does not parse.
+fn request_of(id: u16, params: &[u8]) -> Option<Request> {
+    let request = parse_pairs(params).map(Request::from_params);
+    if request.is_none() {
+        log::warn!("fastcgi: request {id}: malformed params, answered 400");
+    }
+    request
+}
+
+/// Runs the handler on a complete request (a malformed one is answered
+/// 400) and encodes its response.
+fn answer(
+    id: u16,
+    request: Option<Request>,
+    handler: &dyn Fn(&Request) -> Response,
+    out: &mut Vec<u8>,
+) {
+    let cgi = match request {
+        Some(req) => handler(&req).to_cgi_bytes(req.is_head()),
+        None => plain_text(400, "malformed FastCGI params\n"),
     };
     encode_stream(STDOUT, id, &cgi, out);
     end_request(id, APP_ANSWERED, REQUEST_COMPLETE, out);

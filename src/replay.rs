@@ -9,16 +9,20 @@
 //! the bot waits for it.
 //!
 //! The store is a directory so that every relay process shares it
-//! (mod_fcgid runs several): one lock file and one answer file per code,
-//! named by the SHA-256 of the code so no code is ever written in clear.
-//! `flock` gives single flight across threads and processes; answers are
-//! written to a temporary file and renamed, so a reader sees all of an
-//! answer or none of it.
+//! (mod_fcgid runs several): one file per code, named by the SHA-256 of
+//! the code so no code is ever written in clear. `flock` on that file
+//! gives single flight across threads and processes, and the file holds
+//! the answer (or the note of a failed delivery), written while the lock
+//! is held, so a reader, who takes the lock first, sees all of it or none.
+//! One file rather than a lock file plus an answer written to a temporary
+//! file and renamed: creating inodes is most of the store's cost, and the
+//! store is on the path of every sign-up.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
@@ -78,9 +82,24 @@ impl Store {
                 "not private: it must belong to the relay's user and not be group- or world-writable",
             ));
         }
-        let probe = dir.join(".probe");
-        File::create(&probe)?;
-        let _ = fs::remove_file(&probe);
+        // Whether files can be made there (a read-only file system says no
+        // here), asked without making one: in CGI mode this runs for every
+        // request, and creating and deleting a file is the slow part of
+        // the store.
+        let c_dir = std::ffi::CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| io::Error::other("path contains a NUL byte"))?;
+        // SAFETY: a valid C string; faccessat only reads it.
+        let rc = unsafe {
+            libc::faccessat(
+                libc::AT_FDCWD,
+                c_dir.as_ptr(),
+                libc::W_OK | libc::X_OK,
+                libc::AT_EACCESS,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(Store {
             dir: dir.to_path_buf(),
             ttl,
@@ -107,8 +126,8 @@ impl Store {
         self.maybe_sweep();
         let key = key(code);
         let asked = now_nanos();
-        let lock = match self.lock(&key, wait) {
-            Ok(Some(lock)) => lock,
+        let (file, len) = match self.lock(&key, wait) {
+            Ok(Some(locked)) => locked,
             // Still held by a request in flight past the bound: sending the
             // code again would only make the bot refuse it.
             Ok(None) => return Err(BotError::Timeout),
@@ -119,49 +138,59 @@ impl Store {
                 return deliver().map(|r| (r, Delivery::First));
             }
         };
-        let answer = self.dir.join(format!("{key}.json"));
-        if let Some(entry) = self.read(&answer) {
-            drop(lock);
-            return Ok((
-                BotReply {
-                    success: entry.success,
-                    message: entry.message,
-                },
-                Delivery::Replayed,
-            ));
-        }
-        // A delivery of this code ended without an answer while this request
-        // waited for the lock. The bot may have the code, so sending it again
-        // would only get it refused: answer as that delivery did. A reload
-        // after the failure tries again.
-        let failed = self.dir.join(format!("{key}.failed"));
-        if let Some(e) = read_failure(&failed, asked) {
-            return Err(e);
+        // A new file is empty: the usual case costs no read.
+        match self.read(&file, len) {
+            Some(Saved::Answer(entry)) => {
+                drop(file);
+                return Ok((
+                    BotReply {
+                        success: entry.success,
+                        message: entry.message,
+                    },
+                    Delivery::Replayed,
+                ));
+            }
+            // A delivery of this code ended without an answer while this
+            // request waited for the lock. The bot may have the code, so
+            // sending it again would only get it refused: answer as that
+            // delivery did. A reload after the failure tries again.
+            Some(Saved::Failed { at, status }) if at >= asked => {
+                return Err(match status {
+                    504 => BotError::Timeout,
+                    _ => BotError::Closed,
+                });
+            }
+            _ => {}
         }
         let reply = match deliver() {
             Ok(reply) => reply,
             Err(e) => {
                 // A refused connection never carried the code: nothing to remember.
                 if !matches!(e, BotError::Unavailable(_))
-                    && let Err(w) = fs::write(&failed, format!("{} {}", now_nanos(), e.status()))
+                    && let Err(w) = save(
+                        &file,
+                        len,
+                        format!("{} {}", now_nanos(), e.status()).as_bytes(),
+                    )
                 {
                     warn!("replay store: cannot note a failed delivery: {w}");
                 }
                 return Err(e);
             }
         };
-        if let Err(e) = self.write(&key, &answer, &reply) {
+        if let Err(e) = self.write(&file, len, &reply) {
             warn!(
                 "replay store: cannot save an answer, a repeat of this code will reach the bot again: {e}"
             );
         }
-        drop(lock);
+        drop(file);
         Ok((reply, Delivery::First))
     }
 
-    /// Takes the entry's lock, or `None` if it stays held past `wait`.
-    fn lock(&self, key: &str, wait: Duration) -> io::Result<Option<File>> {
-        let path = self.dir.join(format!("{key}.lock"));
+    /// Takes the entry's lock, or `None` if it stays held past `wait`;
+    /// with the file, the length of what it holds.
+    fn lock(&self, key: &str, wait: Duration) -> io::Result<Option<(File, u64)>> {
+        let path = self.dir.join(format!("{key}.entry"));
         let deadline = Instant::now() + wait;
         let mut pause = Duration::from_millis(2);
         loop {
@@ -189,39 +218,44 @@ impl Store {
                 pause = (pause * 2).min(Duration::from_millis(20));
             }
             // The sweeper may have unlinked the file between our open and
-            // our lock; a lock on a removed file guards nothing.
-            match fs::metadata(&path) {
-                Ok(m) if m.ino() == file.metadata()?.ino() => return Ok(Some(file)),
-                _ => continue,
+            // our lock (it unlinks only while holding the lock, and nothing
+            // else renames or unlinks entries); a lock on a removed file
+            // guards nothing.
+            let meta = file.metadata()?;
+            if meta.nlink() > 0 {
+                return Ok(Some((file, meta.len())));
             }
         }
     }
 
-    fn read(&self, answer: &Path) -> Option<Entry> {
-        let mut bytes = Vec::new();
-        File::open(answer).ok()?.read_to_end(&mut bytes).ok()?;
-        let entry: Entry = serde_json::from_slice(&bytes).ok()?;
-        (entry.at + self.ttl.as_secs() >= now_secs()).then_some(entry)
+    /// What the locked file holds: an answer still within the TTL, or the
+    /// note of a failed delivery.
+    fn read(&self, file: &File, len: u64) -> Option<Saved> {
+        if len == 0 || len > MAX_ENTRY {
+            return None;
+        }
+        let mut bytes = vec![0; usize::try_from(len).ok()?];
+        file.read_exact_at(&mut bytes, 0).ok()?;
+        if bytes.first() == Some(&b'{') {
+            let entry: Entry = serde_json::from_slice(&bytes).ok()?;
+            return (entry.at + self.ttl.as_secs() >= now_secs()).then_some(Saved::Answer(entry));
+        }
+        let text = std::str::from_utf8(&bytes).ok()?;
+        let (at, status) = text.trim().split_once(' ')?;
+        Some(Saved::Failed {
+            at: at.parse().ok()?,
+            status: status.parse().ok()?,
+        })
     }
 
-    fn write(&self, key: &str, answer: &Path, reply: &BotReply) -> io::Result<()> {
+    fn write(&self, file: &File, len: u64, reply: &BotReply) -> io::Result<()> {
         let entry = Entry {
             at: now_secs(),
             success: reply.success,
             message: reply.message.clone(),
         };
         let bytes = serde_json::to_vec(&entry).map_err(io::Error::other)?;
-        // The lock is held, so no other writer uses this name.
-        let tmp = self.dir.join(format!("{key}.tmp"));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&bytes)?;
-        drop(f);
-        fs::rename(&tmp, answer)
+        save(file, len, &bytes)
     }
 
     /// Removes expired entries, at most once a minute per process, so the
@@ -252,17 +286,14 @@ impl Store {
             if meta.modified().map_or(true, |m| m > cutoff) {
                 continue;
             }
-            if path.extension().is_some_and(|e| e == "lock") {
-                // Only unlink a lock nobody holds, and unlink it while
-                // holding it, so a waiter never ends up on a dead file.
-                let Ok(file) = File::open(&path) else {
-                    continue;
-                };
-                // SAFETY: a valid, open fd.
-                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                    let _ = fs::remove_file(&path);
-                }
-            } else {
+            // Only unlink an entry nobody holds, and unlink it while
+            // holding it, so a waiter never ends up on a dead file. (Files
+            // of an older layout, .lock/.json/.tmp/.failed, go the same way.)
+            let Ok(file) = File::open(&path) else {
+                continue;
+            };
+            // SAFETY: a valid, open fd.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
                 let _ = fs::remove_file(&path);
             }
         }
@@ -270,18 +301,30 @@ impl Store {
     }
 }
 
-/// The failure noted for a code at or after `asked`, as the error it was:
-/// a time-out (504) or a bad answer (502).
-fn read_failure(path: &Path, asked: u128) -> Option<BotError> {
-    let text = fs::read_to_string(path).ok()?;
-    let (at, status) = text.trim().split_once(' ')?;
-    if at.parse::<u128>().ok()? < asked {
-        return None;
+/// What an entry file holds.
+enum Saved {
+    Answer(Entry),
+    /// A delivery that ended without an answer, at `at` (ns since the
+    /// epoch), as the status it got: a time-out (504) or a bad answer (502).
+    Failed {
+        at: u128,
+        status: u16,
+    },
+}
+
+/// Far more than an answer (the bot's reply is at most 64 KiB): a longer
+/// file is not one of ours and is delivered over.
+const MAX_ENTRY: u64 = 256 * 1024;
+
+/// Replaces the locked file's content (`len` bytes) with `bytes`, in one
+/// write, shortening the file only when it held more.
+fn save(file: &File, len: u64, bytes: &[u8]) -> io::Result<()> {
+    file.write_all_at(bytes, 0)?;
+    let new_len = bytes.len() as u64;
+    if len > new_len {
+        file.set_len(new_len)?;
     }
-    Some(match status {
-        "504" => BotError::Timeout,
-        _ => BotError::Closed,
-    })
+    Ok(())
 }
 
 /// The file name for a code: its SHA-256 in hex.
@@ -453,6 +496,36 @@ mod tests {
             .deliver_once("c", Duration::from_secs(1), || ok("now"))
             .unwrap();
         assert_eq!(d, Delivery::First);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_entry_rewritten_shorter_reads_back_whole() {
+        let (store, dir) = temp_store("shorter", Duration::from_secs(600));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("x.entry"))
+            .unwrap();
+        let reply = BotReply {
+            success: true,
+            message: "a message much longer than a failure note".into(),
+        };
+        store.write(&file, 0, &reply).unwrap();
+        let len = file.metadata().unwrap().len();
+        match store.read(&file, len) {
+            Some(Saved::Answer(entry)) => assert_eq!(entry.message, reply.message),
+            _ => panic!("the answer does not read back"),
+        }
+        save(&file, len, b"7 504").unwrap();
+        let len = file.metadata().unwrap().len();
+        assert_eq!(len, 5);
+        assert!(matches!(
+            store.read(&file, len),
+            Some(Saved::Failed { at: 7, status: 504 })
+        ));
         let _ = fs::remove_dir_all(&dir);
     }
 
