@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::thread;
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{BotAddr, Config, Wire};
+use crate::net::Stream;
 
 /// Largest reply read from the bot; anything longer is not a reply.
 pub const MAX_REPLY: usize = 64 * 1024;
@@ -141,7 +142,7 @@ pub fn exchange(config: &Config, state: &str, code: &str) -> Result<BotReply, Bo
     decode(config.wire, &reply)
 }
 
-fn talk(conn: &mut Conn, message: &[u8], deadline: Instant) -> Result<Vec<u8>, BotError> {
+fn talk(conn: &mut Stream, message: &[u8], deadline: Instant) -> Result<Vec<u8>, BotError> {
     conn.set_write_timeout(remaining(deadline)?)
         .map_err(io_error)?;
     conn.write_all(message).map_err(io_error)?;
@@ -195,14 +196,14 @@ fn io_error(e: io::Error) -> BotError {
 /// Connects, retrying refusals until `retry` has passed, because a bot
 /// that is restarting refuses for a second or two and a player's click
 /// should survive that.
-fn connect(addr: &BotAddr, retry: Duration, deadline: Instant) -> Result<Conn, BotError> {
+fn connect(addr: &BotAddr, retry: Duration, deadline: Instant) -> Result<Stream, BotError> {
     let retry_until = Instant::now() + retry;
     let mut pause = Duration::from_millis(25);
     loop {
         let left = remaining(deadline)?;
         let result = match addr {
-            BotAddr::Tcp(addrs) => connect_tcp(addrs, left).map(Conn::Tcp),
-            BotAddr::Unix(path) => connect_unix(path, left).map(Conn::Unix),
+            BotAddr::Tcp(addrs) => connect_tcp(addrs, left).map(Stream::Tcp),
+            BotAddr::Unix(path) => connect_unix(path, left).map(Stream::Unix),
         };
         match result {
             Ok(conn) => return Ok(conn),
@@ -339,56 +340,6 @@ fn wait_writable(fd: std::os::fd::RawFd, timeout: Duration) -> io::Result<()> {
                 return Err(err);
             }
         }
-    }
-}
-
-enum Conn {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Conn {
-    fn set_read_timeout(&self, t: Duration) -> io::Result<()> {
-        match self {
-            Conn::Tcp(s) => s.set_read_timeout(Some(t)),
-            Conn::Unix(s) => s.set_read_timeout(Some(t)),
-        }
-    }
-
-    fn set_write_timeout(&self, t: Duration) -> io::Result<()> {
-        match self {
-            Conn::Tcp(s) => s.set_write_timeout(Some(t)),
-            Conn::Unix(s) => s.set_write_timeout(Some(t)),
-        }
-    }
-
-    fn shutdown_write(&self) -> io::Result<()> {
-        match self {
-            Conn::Tcp(s) => s.shutdown(Shutdown::Write),
-            Conn::Unix(s) => s.shutdown(Shutdown::Write),
-        }
-    }
-}
-
-impl Read for Conn {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Conn::Tcp(s) => s.read(buf),
-            Conn::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Conn {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Conn::Tcp(s) => s.write(buf),
-            Conn::Unix(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

@@ -12,6 +12,7 @@ pub mod cgi;
 pub mod config;
 pub mod fastcgi;
 pub mod http;
+pub mod net;
 pub mod page;
 pub mod relay;
 pub mod replay;

@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 
 use crate::fastcgi::{self, Limits};
+use crate::net::Stream;
 use crate::page::Outcome;
 use crate::relay::Relay;
 
@@ -41,11 +42,6 @@ const STACK: usize = 256 * 1024;
 pub enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, Option<PathBuf>),
-}
-
-pub enum Stream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
 }
 
 impl Listener {
@@ -134,52 +130,6 @@ fn sockopt(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
         )
     };
     (rc == 0).then_some(value)
-}
-
-impl Stream {
-    fn set_timeouts(&self, t: Duration) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => {
-                s.set_read_timeout(Some(t))?;
-                s.set_write_timeout(Some(t))
-            }
-            Stream::Unix(s) => {
-                s.set_read_timeout(Some(t))?;
-                s.set_write_timeout(Some(t))
-            }
-        }
-    }
-}
-
-impl Stream {
-    fn fd(&self) -> RawFd {
-        match self {
-            Stream::Tcp(s) => s.as_raw_fd(),
-            Stream::Unix(s) => s.as_raw_fd(),
-        }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Wakes the accept loop when a stop signal arrives.
@@ -359,13 +309,12 @@ const FREE_WAIT: Duration = Duration::from_millis(100);
 /// Closes a connection whose request was not read in full without
 /// resetting it: over TCP, closing with unread input sends a reset, and the
 /// web server could lose the answer just written. Bounded by a short wait.
-fn linger(stream: Stream) {
-    let (shut, mut stream) = match stream {
-        Stream::Tcp(s) => (s.shutdown(std::net::Shutdown::Write), Stream::Tcp(s)),
-        // A Unix socket never resets: the answer stays readable.
-        Stream::Unix(_) => return,
-    };
-    if shut.is_err() || stream.set_timeouts(Duration::from_millis(50)).is_err() {
+fn linger(mut stream: Stream) {
+    // A Unix socket never resets: the answer stays readable.
+    if matches!(stream, Stream::Unix(_))
+        || stream.shutdown_write().is_err()
+        || stream.set_timeouts(Duration::from_millis(50)).is_err()
+    {
         return;
     }
     let mut sink = [0u8; 4096];
