@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use tourney_register::bot::{self, BotReply};
-use tourney_register::callback;
 use tourney_register::config::{BotAddr, Config, Wire};
 use tourney_register::http::Request;
-use tourney_register::page::{Outcome, Page};
+use tourney_register::outcome::Outcome;
+use tourney_register::page::Page;
+use tourney_register::redirect;
 use tourney_register::relay::Relay;
+use tourney_register::replay::Delivery;
 use tourney_register::replay::Store;
 
 /// A code and state of the sizes osu! and the bot really produce.
@@ -39,13 +41,14 @@ fn pipeline(c: &mut Criterion) {
         serde_pickle::to_vec(&reply, serde_pickle::SerOptions::new()).unwrap_or_default();
 
     c.bench_function("parse callback", |b| {
-        b.iter(|| callback::parse(black_box(&req)))
+        b.iter(|| redirect::parse(black_box(&req)))
     });
+    let answered = Outcome::Answered {
+        reply: reply.clone(),
+        delivery: Delivery::First,
+    };
     c.bench_function("render success page", |b| {
-        b.iter(|| {
-            page.respond(black_box(&Outcome::Answered(&reply)))
-                .to_cgi_bytes(false)
-        })
+        b.iter(|| page.respond(black_box(&answered)).to_cgi_bytes(false))
     });
     for (wire, name, bytes) in [
         (Wire::Json, "json", &json_reply),

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{BotAddr, Config, Wire};
 use crate::net::Stream;
+use crate::sys;
 
 /// Largest reply read from the bot; anything longer is not a reply.
 pub const MAX_REPLY: usize = 64 * 1024;
@@ -24,11 +25,13 @@ pub const MAX_REPLY: usize = 64 * 1024;
 /// The bot's answer about one code.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BotReply {
+    /// Whether the player is signed up.
     pub success: bool,
+    /// What the bot has to say to the player.
     pub message: String,
 }
 
-/// Why no answer came from the bot. Each maps to one HTTP status.
+/// Why no answer came from the bot.
 #[derive(Debug)]
 pub enum BotError {
     /// Nothing accepted the connection within the retry window: the code
@@ -44,23 +47,32 @@ pub enum BotError {
     TooLarge,
 }
 
-impl BotError {
-    pub fn status(&self) -> u16 {
-        match self {
-            BotError::Unavailable(_) => 503,
-            BotError::Timeout => 504,
-            BotError::Closed | BotError::Invalid(_) | BotError::TooLarge => 502,
-        }
-    }
+/// What kind of failure a [`BotError`] is, without its details: small
+/// and `Copy`, for whoever must remember or report it (the replay store,
+/// the outcome of a request).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// See [`BotError::Unavailable`].
+    Unavailable,
+    /// See [`BotError::Timeout`].
+    Timeout,
+    /// See [`BotError::Closed`].
+    Closed,
+    /// See [`BotError::Invalid`].
+    Invalid,
+    /// See [`BotError::TooLarge`].
+    TooLarge,
+}
 
-    /// A short name for the log line.
-    pub fn outcome(&self) -> &'static str {
+impl BotError {
+    /// The kind of this failure.
+    pub fn kind(&self) -> FailureKind {
         match self {
-            BotError::Unavailable(_) => "bot-unavailable",
-            BotError::Timeout => "bot-timeout",
-            BotError::Closed => "bot-closed",
-            BotError::Invalid(_) => "bot-invalid-reply",
-            BotError::TooLarge => "bot-reply-too-large",
+            BotError::Unavailable(_) => FailureKind::Unavailable,
+            BotError::Timeout => FailureKind::Timeout,
+            BotError::Closed => FailureKind::Closed,
+            BotError::Invalid(_) => FailureKind::Invalid,
+            BotError::TooLarge => FailureKind::TooLarge,
         }
     }
 }
@@ -249,103 +261,16 @@ fn connect_tcp(addrs: &[SocketAddr], timeout: Duration) -> io::Result<TcpStream>
     Err(last)
 }
 
-/// A Unix socket connect blocks while the bot's accept backlog is full,
-/// and std offers no timeout for it, so it is done non-blocking and
-/// bounded by `poll`.
+/// A Unix socket connect blocks while the bot's accept backlog is full;
+/// [`sys::connect_unix`] bounds it.
 fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
-    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= sa.sun_path.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "socket path too long",
-        ));
-    }
-    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, src) in sa.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: plain socket(2) call; the fd is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh socket that nothing else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    // SAFETY: sa is a valid sockaddr_un of length len.
-    let rc = unsafe { libc::connect(fd, &sa as *const _ as *const libc::sockaddr, len) };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EAGAIN) && err.raw_os_error() != Some(libc::EINPROGRESS)
-        {
-            return Err(err);
-        }
-        wait_writable(owned.as_raw_fd(), timeout)?;
-        let mut so_error: libc::c_int = 0;
-        let mut so_len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: valid fd and out-pointers of the right size.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_ERROR,
-                &mut so_error as *mut _ as *mut libc::c_void,
-                &mut so_len,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if so_error != 0 {
-            return Err(io::Error::from_raw_os_error(so_error));
-        }
-    }
-    let stream = UnixStream::from(owned);
-    stream.set_nonblocking(false)?;
-    Ok(stream)
-}
-
-fn wait_writable(fd: std::os::fd::RawFd, timeout: Duration) -> io::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        let ms = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
-        // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc > 0 {
-            return Ok(());
-        }
-        if rc < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
-            }
-        }
-    }
+    sys::connect_unix(path, timeout)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outcome::Outcome;
     use std::net::TcpListener;
 
     #[test]
@@ -445,7 +370,7 @@ mod tests {
         let started = Instant::now();
         let err = exchange(&c, "s", "c").unwrap_err();
         assert!(matches!(err, BotError::Unavailable(_)), "{err}");
-        assert_eq!(err.status(), 503);
+        assert_eq!(Outcome::BotFailed(err.kind()).status(), 503);
         assert!(started.elapsed() < Duration::from_millis(1500));
     }
 
@@ -489,12 +414,10 @@ mod tests {
 
     #[test]
     fn a_connect_that_hangs_times_out_within_the_bound() {
-        use std::os::fd::AsRawFd;
         // A listener that never accepts, its queue full: Linux drops
         // further SYNs, so a connect hangs until its timeout.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        // SAFETY: a valid listening socket; listen() again resizes its queue.
-        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+        crate::sys::relisten(&listener, 0).unwrap();
         let addr = listener.local_addr().unwrap();
         let mut fillers = Vec::new();
         for _ in 0..4 {
@@ -549,7 +472,7 @@ mod tests {
         let c = config_for(BotAddr::Tcp(vec![addr]), 200, 0);
         let err = exchange(&c, "s", "c").unwrap_err();
         assert!(matches!(err, BotError::Timeout), "{err}");
-        assert_eq!(err.status(), 504);
+        assert_eq!(Outcome::BotFailed(err.kind()).status(), 504);
         peer.join().unwrap();
     }
 

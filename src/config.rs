@@ -163,8 +163,7 @@ impl Config {
 /// The store's default home: private to the user the relay runs as, so
 /// two sites' relays on one machine do not share answers by accident.
 fn default_state_dir() -> PathBuf {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
+    let uid = crate::sys::effective_uid();
     std::env::temp_dir().join(format!("tourney-register-{uid}"))
 }
 

@@ -3,17 +3,24 @@
 //! tournament's Discord bot, and shows the player the bot's answer.
 //!
 //! The request pipeline ([`relay`]) is plain functions over plain types
-//! ([`http`]); the transports ([`cgi`], [`fastcgi`] with [`server`]) are
-//! thin adapters around it.
+//! ([`http`], [`outcome`]); the transports ([`cgi`], [`fastcgi`] with
+//! [`server`]) are thin adapters around it. System calls live in [`sys`],
+//! the only module allowed `unsafe`.
+
+#![deny(unsafe_code)]
 
 pub mod bot;
-pub mod callback;
 pub mod cgi;
 pub mod config;
 pub mod fastcgi;
+pub mod fingerprint;
 pub mod http;
+pub mod limits;
 pub mod net;
+pub mod outcome;
 pub mod page;
+pub mod redirect;
 pub mod relay;
 pub mod replay;
 pub mod server;
+pub mod sys;

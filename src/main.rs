@@ -1,17 +1,23 @@
-//! The `tourney-register` executable: picks CGI, FastCGI on fd 0 or a
-//! FastCGI server from how it was started, and hands each request to the
-//! relay.
+//! The `tourney-register` executable: picks CGI, FastCGI on an inherited
+//! socket or a FastCGI server from how it was started, and hands each
+//! request to the relay.
 
+#![deny(unsafe_code)]
+
+use std::fmt;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Instant;
 
-use tourney_register::cgi;
 use tourney_register::config::Config;
-use tourney_register::fastcgi::Limits;
-use tourney_register::page::{Outcome, Page};
-use tourney_register::relay::Relay;
-use tourney_register::server::{self, Listener};
+use tourney_register::limits::Limits;
+use tourney_register::net::Listener;
+use tourney_register::outcome::Outcome;
+use tourney_register::page::Page;
+use tourney_register::relay::{self, Relay};
+use tourney_register::server::{self, Status};
+use tourney_register::{cgi, sys};
 
 const USAGE: &str = "\
 tourney-register: finishes an osu! OAuth sign-up and hands the code to the tournament bot.
@@ -33,63 +39,107 @@ Settings (environment):
   REGISTER_REPLAY_TTL    seconds a code's answer is replayed      [600]
   REGISTER_STATE_DIR     replay store directory, or off           [$TMPDIR/tourney-register-UID]
   REGISTER_MAX_CONNS     --listen connection cap                  [256]
-  REGISTER_FCGI_TIMEOUT  seconds a web server may stall a record  [30]
+  REGISTER_FCGI_TIMEOUT  seconds a web server may take per request or idle wait [30]
   RUST_LOG               log filter (stderr)                      [info]
 ";
 
+fn main() -> ExitCode {
+    match run(std::env::args().skip(1)) {
+        Ok(code) => code,
+        Err(failure) => {
+            match &failure {
+                Failure::Usage(_) => eprintln!("tourney-register: {failure}\n\n{USAGE}"),
+                _ => log::error!("{failure}"),
+            }
+            failure.exit_code()
+        }
+    }
+}
+
+/// Why the program stops short.
+enum Failure {
+    /// A command line that cannot be used.
+    Usage(String),
+    /// A setting or the template that cannot be used (FastCGI modes).
+    Start(String),
+    /// The `--listen` address cannot be bound.
+    Listen { addr: String, error: std::io::Error },
+    /// Serving failed (signals could not be set up, the listener broke).
+    Serve(std::io::Error),
+}
+
+impl Failure {
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            Failure::Usage(_) | Failure::Start(_) | Failure::Listen { .. } => ExitCode::from(2),
+            Failure::Serve(_) => ExitCode::FAILURE,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Usage(msg) | Failure::Start(msg) => f.write_str(msg),
+            Failure::Listen { addr, error } => write!(f, "cannot listen on {addr}: {error}"),
+            Failure::Serve(error) => write!(f, "{error}"),
+        }
+    }
+}
+
+/// What the command line asked for.
 enum Mode {
+    /// CGI, or FastCGI when fd 0 is a listening socket.
     Auto,
+    /// `--listen ADDR`.
     Listen(String),
 }
 
-fn main() -> ExitCode {
-    let mode = match parse_args(std::env::args().skip(1)) {
-        Ok(Some(mode)) => mode,
-        Ok(None) => return ExitCode::SUCCESS,
-        Err(msg) => {
-            eprintln!("tourney-register: {msg}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+/// Where requests come from, once the mode is known.
+enum Transport {
+    /// One request from the environment.
+    Cgi,
+    /// FastCGI on a listening socket handed over (fd 0), one connection
+    /// at a time.
+    Inherited(Listener),
+    /// FastCGI on an address to bind, many connections at once.
+    Listen(String),
+}
+
+fn run(args: impl Iterator<Item = String>) -> Result<ExitCode, Failure> {
+    let Some(mode) = parse_args(args).map_err(Failure::Usage)? else {
+        return Ok(ExitCode::SUCCESS);
     };
     init_logging();
-    match mode {
-        Mode::Listen(addr) => {
-            let Some(relay) = start() else {
-                return ExitCode::from(2);
-            };
-            let listener = match Listener::bind(&addr) {
-                Ok(l) => l,
-                Err(e) => {
-                    log::error!("cannot listen on {addr}: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let (limits, io_timeout, grace) = serving(&relay);
-            // glibc gives each new thread its own malloc arena (up to 8 per
-            // core), each holding on to freed memory: with a few hundred
-            // connection threads that is most of the process's memory. The
-            // pipeline allocates little, so two shared arenas cost no speed.
-            // SAFETY: mallopt only tunes the allocator; no thread runs yet.
-            unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
-            finish(server::serve_pool(
-                Arc::new(relay),
-                listener,
-                Arc::new(limits),
-                io_timeout,
-                grace,
-            ))
-        }
-        Mode::Auto => match Listener::from_stdin() {
-            Some(listener) => {
-                let Some(relay) = start() else {
-                    return ExitCode::from(2);
-                };
-                let (limits, io_timeout, _) = serving(&relay);
-                finish(server::serve_serial(&relay, listener, &limits, io_timeout))
-            }
-            None => run_cgi(),
-        },
+    let transport = match mode {
+        Mode::Listen(addr) => Transport::Listen(addr),
+        Mode::Auto => Listener::from_stdin().map_or(Transport::Cgi, Transport::Inherited),
+    };
+    let started = Instant::now();
+    let relay = Config::from_env()
+        .map_err(|e| e.to_string())
+        .and_then(|c| Relay::new(c).map_err(|e| e.to_string()));
+    if let Transport::Cgi = transport {
+        run_cgi(relay, started);
+        return Ok(ExitCode::SUCCESS);
     }
+    let relay = relay.map_err(Failure::Start)?;
+    let limits = Limits::from_config(relay.config());
+    let status = Arc::new(Status::default());
+    match transport {
+        Transport::Inherited(listener) => server::serve_serial(&relay, listener, &limits, status),
+        Transport::Listen(addr) => {
+            let listener =
+                Listener::bind(&addr).map_err(|error| Failure::Listen { addr, error })?;
+            // Few arenas: the pipeline allocates little, and each
+            // connection thread's own arena would hold on to its memory.
+            sys::limit_malloc_arenas(2);
+            server::serve_pool(Arc::new(relay), listener, &limits, status)
+        }
+        Transport::Cgi => Ok(()),
+    }
+    .map_err(Failure::Serve)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Mode>, String> {
@@ -133,68 +183,18 @@ fn init_logging() {
         .init();
 }
 
-/// Reads and checks the settings once, for the FastCGI modes: a bad one
-/// stops the start with a message naming it.
-fn start() -> Option<Relay> {
-    let config = match Config::from_env() {
-        Ok(c) => c,
-        Err(e) => {
-            log::error!("{e}");
-            return None;
-        }
-    };
-    match Relay::new(config) {
-        Ok(relay) => Some(relay),
-        Err(e) => {
-            log::error!("{e}");
-            None
-        }
-    }
-}
-
-fn serving(relay: &Relay) -> (Limits, std::time::Duration, std::time::Duration) {
-    let c = relay.config();
-    let limits = Limits {
-        max_conns: c.max_conns,
-        ..Limits::default()
-    };
-    // A stop waits for the slowest request in flight: a full retry window
-    // and a full exchange, plus a margin for writing the answer.
-    let grace = c.bot_retry + c.bot_timeout + std::time::Duration::from_secs(1);
-    (limits, c.fcgi_timeout, grace)
-}
-
-fn finish(result: std::io::Result<()>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn run_cgi() -> ExitCode {
-    let started = std::time::Instant::now();
+/// CGI: one answer on stdout, and exit status 0 whatever it is; a
+/// configuration error is a 500 page.
+fn run_cgi(relay: Result<Relay, String>, started: Instant) {
     let req = cgi::request_from_env();
-    let relay = Config::from_env()
-        .map_err(|e| e.to_string())
-        .and_then(|c| Relay::new(c).map_err(|e| e.to_string()));
     let response = match relay {
         Ok(relay) => relay.handle(&req),
         Err(e) => {
             log::error!("{e}");
-            let response = Page::built_in().respond(&Outcome::Misconfigured);
-            log::info!(
-                "outcome=misconfigured status={} ms={} code=-",
-                response.status,
-                started.elapsed().as_millis()
-            );
-            response
+            relay::answer(&Page::built_in(), &Outcome::Misconfigured, started, None)
         }
     };
     if let Err(e) = cgi::write_response(&req, &response) {
         log::error!("cannot write the response: {e}");
     }
-    ExitCode::SUCCESS
 }

@@ -1,18 +1,27 @@
-//! One stream type over TCP and Unix sockets, for both sides of the relay:
-//! the web server's FastCGI connections and the connection to the bot.
+//! Sockets over TCP and Unix alike: [`Listener`] for the web server's
+//! side, [`Stream`] for both sides of the relay (the web server's FastCGI
+//! connections and the connection to the bot).
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::fastcgi::TimedStream;
+use crate::sys::{self, Inherited};
+
+/// A connected socket.
 pub enum Stream {
+    /// Over TCP.
     Tcp(TcpStream),
+    /// Over a Unix socket.
     Unix(UnixStream),
 }
 
 impl Stream {
+    /// Bounds each following read.
     pub fn set_read_timeout(&self, t: Duration) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(Some(t)),
@@ -20,6 +29,7 @@ impl Stream {
         }
     }
 
+    /// Bounds each following write.
     pub fn set_write_timeout(&self, t: Duration) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(Some(t)),
@@ -27,11 +37,13 @@ impl Stream {
         }
     }
 
+    /// Bounds each following read and write.
     pub fn set_timeouts(&self, t: Duration) -> io::Result<()> {
         self.set_read_timeout(t)?;
         self.set_write_timeout(t)
     }
 
+    /// Ends the sending side: the peer reads end of stream.
     pub fn shutdown_write(&self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Write),
@@ -39,11 +51,44 @@ impl Stream {
         }
     }
 
+    /// Ends the receiving side: a blocked read returns end of stream.
+    pub fn shutdown_read(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Read),
+            Stream::Unix(s) => s.shutdown(Shutdown::Read),
+        }
+    }
+
+    /// A second handle on the same socket.
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    /// The file descriptor, for `poll`.
     pub fn fd(&self) -> RawFd {
         match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
         }
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd()
+    }
+}
+
+impl TimedStream for Stream {
+    fn set_read_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        Stream::set_read_timeout(self, timeout)
+    }
+
+    fn set_write_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        Stream::set_write_timeout(self, timeout)
     }
 }
 
@@ -66,5 +111,90 @@ impl Write for Stream {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// A listening socket: bound here, or handed over by whoever started the
+/// process.
+pub enum Listener {
+    /// Over TCP.
+    Tcp(TcpListener),
+    /// Over a Unix socket; with the path when this process bound it (and
+    /// so removes it when done).
+    Unix(UnixListener, Option<PathBuf>),
+}
+
+impl Listener {
+    /// The listening socket a web server handed over as fd 0
+    /// (mod_fcgid, spawn-fcgi), if any.
+    pub fn from_stdin() -> Option<Listener> {
+        Listener::inherited(0)
+    }
+
+    /// The listening socket at `fd`, if it is one (fd 0 from a web
+    /// server, fd 3 from socket activation). It is taken over: the caller
+    /// must not use `fd` otherwise.
+    pub fn inherited(fd: RawFd) -> Option<Listener> {
+        Some(match sys::take_listening_socket(fd)? {
+            Inherited::Unix(fd) => Listener::Unix(UnixListener::from(fd), None),
+            Inherited::Tcp(fd) => Listener::Tcp(TcpListener::from(fd)),
+        })
+    }
+
+    /// Binds `HOST:PORT` or `unix:/path`. A stale socket file left by a
+    /// crash is replaced; a live one (something answers) is not.
+    pub fn bind(spec: &str) -> io::Result<Listener> {
+        if let Some(path) = spec.strip_prefix("unix:") {
+            let path = PathBuf::from(path);
+            if UnixStream::connect(&path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process is listening there",
+                ));
+            }
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path)?;
+            return Ok(Listener::Unix(listener, Some(path)));
+        }
+        Ok(Listener::Tcp(TcpListener::bind(spec)?))
+    }
+
+    /// Where it listens, for the log.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "tcp".into(), |a| a.to_string()),
+            Listener::Unix(_, Some(p)) => format!("unix:{}", p.display()),
+            Listener::Unix(l, None) => format!("inherited fd {}", l.as_raw_fd()),
+        }
+    }
+
+    /// The next connection (blocking).
+    pub fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }),
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+        }
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, Some(path)) = self {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }

@@ -6,14 +6,14 @@
 //! the program. Autoescaping is always on, whatever the file is called:
 //! the message comes from the bot and error texts from osu!.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use minijinja::{AutoEscape, Environment, context};
 
-use crate::bot::{BotError, BotReply};
-use crate::callback::RequestError;
 use crate::http::Response;
+use crate::outcome::Outcome;
 
 const BUILT_IN: &str = include_str!("page.html");
 
@@ -22,44 +22,29 @@ const BUILT_IN: &str = include_str!("page.html");
 pub const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; \
                        base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// What happened to a request, as far as the page is concerned.
-#[derive(Debug)]
-pub enum Outcome<'a> {
-    /// The bot answered; `success` picks the check mark or the cross.
-    Answered(&'a BotReply),
-    /// osu! reported an error instead of a code (`access_denied` on Cancel).
-    Denied {
-        error: &'a str,
-        description: Option<&'a str>,
-    },
-    Rejected(&'a RequestError),
-    BotFailed(&'a BotError),
-    /// `--listen` is at its connection cap; nothing reached the pipeline.
-    Overloaded,
-    /// A HEAD request for a valid link: answered without spending the code.
-    Probed,
-    /// The relay is misconfigured (CGI mode only: FastCGI refuses to start).
-    Misconfigured,
-}
-
-impl Outcome<'_> {
-    pub fn status(&self) -> u16 {
-        match self {
-            Outcome::Answered(_) | Outcome::Probed => 200,
-            Outcome::Denied { error, .. } if *error == "access_denied" => 200,
-            Outcome::Denied { .. } => 400,
-            Outcome::Rejected(e) => e.status(),
-            Outcome::BotFailed(e) => e.status(),
-            Outcome::Overloaded => 503,
-            Outcome::Misconfigured => 500,
-        }
-    }
+/// What one page shows: the flat context every template gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct View<'a> {
+    /// Check mark (true) or cross (false).
+    pub ok: bool,
+    /// The short headline.
+    pub title: &'a str,
+    /// The bot's message, or what went wrong.
+    pub message: Cow<'a, str>,
+    /// What to do next.
+    pub hint: Option<&'a str>,
+    /// Show a "Try again" link: the code is unused.
+    pub retry: bool,
+    /// The HTTP status, for a template that wants to show it.
+    pub status: u16,
 }
 
 /// A template that failed to load or render at start.
 #[derive(Debug)]
 pub struct TemplateError {
+    /// The template's path.
     pub path: PathBuf,
+    /// What is wrong with it.
     pub reason: String,
 }
 
@@ -82,6 +67,7 @@ pub struct Page {
 }
 
 impl Page {
+    /// The page built into the program.
     pub fn built_in() -> Page {
         // The built-in template is tested; failing to compile it is a bug
         // caught by the test suite, never by a player.
@@ -99,8 +85,15 @@ impl Page {
         let source = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let page = Page::from_source(source).map_err(|e| err(e.to_string()))?;
         for ok in [true, false] {
-            page.try_render(ok, "Title", "Message", Some("Hint"), !ok, 200)
-                .map_err(|e| err(e.to_string()))?;
+            let sample = View {
+                ok,
+                title: "Title",
+                message: "Message".into(),
+                hint: Some("Hint"),
+                retry: !ok,
+                status: 200,
+            };
+            page.render(&sample).map_err(|e| err(e.to_string()))?;
         }
         Ok(page)
     }
@@ -113,18 +106,10 @@ impl Page {
     }
 
     /// The full response for an outcome.
-    pub fn respond(&self, outcome: &Outcome<'_>) -> Response {
-        let status = outcome.status();
-        let view = view(outcome);
+    pub fn respond(&self, outcome: &Outcome) -> Response {
+        let view = outcome.view();
         let body = self
-            .try_render(
-                view.ok,
-                view.title,
-                &view.message,
-                view.hint,
-                view.retry,
-                status,
-            )
+            .render(&view)
             // A template that rendered at start renders now; should it not,
             // the player still gets the message.
             .unwrap_or_else(|_| plain_fallback(view.title, &view.message));
@@ -135,116 +120,34 @@ impl Page {
             ("X-Content-Type-Options", "nosniff".to_string()),
             ("Content-Security-Policy", CSP.to_string()),
         ];
-        if status == 405 {
+        if view.status == 405 {
             headers.push(("Allow", "GET, HEAD".to_string()));
         }
         Response {
-            status,
+            status: view.status,
             headers,
             body: body.into_bytes(),
         }
     }
 
-    fn try_render(
-        &self,
-        ok: bool,
-        title: &str,
-        message: &str,
-        hint: Option<&str>,
-        retry: bool,
-        status: u16,
-    ) -> Result<String, minijinja::Error> {
+    /// Renders one view with the template.
+    pub fn render(&self, view: &View<'_>) -> Result<String, minijinja::Error> {
+        let View {
+            ok,
+            title,
+            message,
+            hint,
+            retry,
+            status,
+        } = view;
         self.env.get_template("page")?.render(context! {
-            ok, title, message, hint, retry, status,
+            ok => *ok,
+            title => *title,
+            message => message.as_ref(),
+            hint => *hint,
+            retry => *retry,
+            status => *status,
         })
-    }
-}
-
-struct View<'a> {
-    ok: bool,
-    title: &'a str,
-    message: String,
-    hint: Option<&'a str>,
-    retry: bool,
-}
-
-const BACK_TO_DISCORD: &str = "Ask the bot in Discord for a new sign-up link.";
-
-fn view<'a>(outcome: &Outcome<'a>) -> View<'a> {
-    let fail = |title, message: String, hint| View {
-        ok: false,
-        title,
-        message,
-        hint,
-        retry: false,
-    };
-    match outcome {
-        Outcome::Answered(reply) if reply.success => View {
-            ok: true,
-            title: "You're signed up",
-            message: reply.message.clone(),
-            hint: Some("You can close this page and go back to Discord."),
-            retry: false,
-        },
-        Outcome::Answered(reply) => fail(
-            "Sign-up failed",
-            reply.message.clone(),
-            Some("If this looks wrong, ask an organiser in Discord."),
-        ),
-        Outcome::Denied { error, .. } if *error == "access_denied" => fail(
-            "Sign-in cancelled",
-            "You cancelled the osu! sign-in, so you are not signed up.".to_string(),
-            Some(BACK_TO_DISCORD),
-        ),
-        Outcome::Denied { error, description } => fail(
-            "osu! sign-in failed",
-            match description {
-                Some(d) => format!("osu! said: {d} ({error})"),
-                None => format!("osu! said: {error}"),
-            },
-            Some(BACK_TO_DISCORD),
-        ),
-        Outcome::Rejected(e) => fail(
-            "This link doesn't work",
-            e.to_string(),
-            Some("Use the sign-up link the bot sent you in Discord."),
-        ),
-        Outcome::BotFailed(BotError::Unavailable(_)) => View {
-            ok: false,
-            title: "The bot is not available",
-            message: "Your sign-in was not used yet, so nothing is lost.".to_string(),
-            hint: Some("Wait a moment, then try again."),
-            retry: true,
-        },
-        Outcome::BotFailed(BotError::Timeout) => fail(
-            "The bot did not answer in time",
-            "Your sign-up may or may not have gone through.".to_string(),
-            Some("Check your Discord messages from the bot, or ask an organiser."),
-        ),
-        Outcome::BotFailed(_) => fail(
-            "Something went wrong",
-            "The bot gave an answer this page could not read.".to_string(),
-            Some("Check your Discord messages from the bot, or ask an organiser."),
-        ),
-        Outcome::Overloaded => View {
-            ok: false,
-            title: "Too many sign-ups at once",
-            message: "Your sign-in was not used yet, so nothing is lost.".to_string(),
-            hint: Some("Wait a few seconds, then try again."),
-            retry: true,
-        },
-        Outcome::Probed => View {
-            ok: true,
-            title: "Sign-up link",
-            message: "Open this link in your browser to finish signing up.".to_string(),
-            hint: None,
-            retry: false,
-        },
-        Outcome::Misconfigured => fail(
-            "Sign-ups are not set up correctly",
-            "The server's configuration has an error.".to_string(),
-            Some("Please tell an organiser."),
-        ),
     }
 }
 
@@ -274,6 +177,16 @@ fn escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bot::{BotReply, FailureKind};
+    use crate::redirect::RequestError;
+    use crate::replay::Delivery;
+
+    fn answered(reply: &BotReply) -> Outcome {
+        Outcome::Answered {
+            reply: reply.clone(),
+            delivery: Delivery::First,
+        }
+    }
 
     fn body(r: &Response) -> String {
         String::from_utf8(r.body.clone()).unwrap()
@@ -286,7 +199,7 @@ mod tests {
             success: true,
             message: "Welcome, <b>Tom & \"Jerry\"</b>!".into(),
         };
-        let r = page.respond(&Outcome::Answered(&ok));
+        let r = page.respond(&answered(&ok));
         assert_eq!(r.status, 200);
         let b = body(&r);
         assert!(b.contains("aria-label=\"Success\""));
@@ -299,7 +212,7 @@ mod tests {
             success: false,
             message: "You're already signed up!".into(),
         };
-        let r = page.respond(&Outcome::Answered(&no));
+        let r = page.respond(&answered(&no));
         assert_eq!(r.status, 200);
         let b = body(&r);
         assert!(b.contains("aria-label=\"Failure\""));
@@ -310,12 +223,12 @@ mod tests {
     #[test]
     fn every_page_has_the_security_headers() {
         let page = Page::built_in();
-        let r = page.respond(&Outcome::Rejected(&RequestError::MethodNotAllowed));
+        let r = page.respond(&Outcome::Rejected(RequestError::MethodNotAllowed));
         assert_eq!(r.status, 405);
         assert_eq!(r.header("Allow"), Some("GET, HEAD"));
         for outcome in [
-            Outcome::Rejected(&RequestError::Missing("code")),
-            Outcome::BotFailed(&BotError::Timeout),
+            Outcome::Rejected(RequestError::Missing("code")),
+            Outcome::BotFailed(FailureKind::Timeout),
             Outcome::Misconfigured,
         ] {
             let r = page.respond(&outcome);
@@ -334,16 +247,17 @@ mod tests {
     #[test]
     fn unavailable_offers_a_retry_that_does_not_carry_the_code() {
         let page = Page::built_in();
-        let e = BotError::Unavailable(std::io::ErrorKind::ConnectionRefused.into());
-        let r = page.respond(&Outcome::BotFailed(&e));
+        let r = page.respond(&Outcome::BotFailed(FailureKind::Unavailable));
         assert_eq!(r.status, 503);
         assert!(body(&r).contains("<a class=\"button\" href=\"\">Try again</a>"));
         assert_eq!(
-            page.respond(&Outcome::BotFailed(&BotError::Timeout)).status,
+            page.respond(&Outcome::BotFailed(FailureKind::Timeout))
+                .status,
             504
         );
         assert_eq!(
-            page.respond(&Outcome::BotFailed(&BotError::Closed)).status,
+            page.respond(&Outcome::BotFailed(FailureKind::Closed))
+                .status,
             502
         );
     }
@@ -352,14 +266,16 @@ mod tests {
     fn denied_pages() {
         let page = Page::built_in();
         let r = page.respond(&Outcome::Denied {
-            error: "access_denied",
-            description: Some("The resource owner or authorization server denied the request."),
+            error: "access_denied".into(),
+            description: Some(
+                "The resource owner or authorization server denied the request.".into(),
+            ),
         });
         assert_eq!(r.status, 200);
         assert!(body(&r).contains("Sign-in cancelled"));
         let r = page.respond(&Outcome::Denied {
-            error: "server_error",
-            description: Some("<script>x</script>"),
+            error: "server_error".into(),
+            description: Some("<script>x</script>".into()),
         });
         assert_eq!(r.status, 400);
         assert!(body(&r).contains("&lt;script&gt;"));
@@ -392,7 +308,7 @@ mod tests {
             message: "<i>".into(),
         };
         assert_eq!(
-            body(&page.respond(&Outcome::Answered(&reply))),
+            body(&page.respond(&answered(&reply))),
             "<p class=bad>&lt;i&gt;</p>"
         );
 

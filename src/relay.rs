@@ -1,16 +1,18 @@
-//! The request pipeline: parse the callback, decide, talk to the bot,
-//! render. Transports call [`Relay::handle`] and print what it returns.
+//! The request pipeline: read the redirect, decide, talk to the bot (or
+//! replay its answer), render, log one line. Transports call
+//! [`Relay::handle`] and send what it returns.
 
 use std::time::Instant;
 
 use log::info;
-use sha2::{Digest, Sha256};
 
 use crate::bot::{self, BotError, BotReply};
-use crate::callback::{self, Callback};
 use crate::config::Config;
+use crate::fingerprint::fingerprint;
 use crate::http::{Request, Response};
-use crate::page::{Outcome, Page, TemplateError};
+use crate::outcome::Outcome;
+use crate::page::{Page, TemplateError};
+use crate::redirect::{self, Redirect};
 use crate::replay::{Delivery, Store};
 
 /// Everything a request needs, built once at start and shared by all
@@ -49,12 +51,9 @@ impl Relay {
         })
     }
 
+    /// The settings it was built with.
     pub fn config(&self) -> &Config {
         &self.config
-    }
-
-    pub fn page(&self) -> &Page {
-        &self.page
     }
 
     /// Answers one request, delivering its code to the configured bot.
@@ -69,36 +68,31 @@ impl Relay {
         F: FnOnce(&str, &str) -> Result<BotReply, BotError>,
     {
         let started = Instant::now();
-        let (response, outcome, code) = self.decide(req, deliver);
-        info!(
-            "outcome={outcome} status={} ms={} code={}",
-            response.status,
-            started.elapsed().as_millis(),
-            code.as_deref().map(fingerprint).as_deref().unwrap_or("-"),
-        );
-        response
+        let (outcome, code) = self.decide(req, deliver);
+        answer(&self.page, &outcome, started, code.as_deref())
     }
 
-    /// The response, a short outcome name for the log, and the code if
-    /// the request carried one.
-    fn decide<F>(&self, req: &Request, deliver: F) -> (Response, &'static str, Option<String>)
+    /// The answer to a connection turned away at the connection cap,
+    /// logged like every other.
+    pub fn overloaded(&self) -> Response {
+        answer(&self.page, &Outcome::Overloaded, Instant::now(), None)
+    }
+
+    /// What became of the request, and its code if it carried one.
+    fn decide<F>(&self, req: &Request, deliver: F) -> (Outcome, Option<String>)
     where
         F: FnOnce(&str, &str) -> Result<BotReply, BotError>,
     {
-        let (code, state) = match callback::parse(req) {
-            Err(e) => return (self.page.respond(&Outcome::Rejected(&e)), e.outcome(), None),
-            Ok(Callback::Denied { error, description }) => {
-                let outcome = Outcome::Denied {
-                    error: &error,
-                    description: description.as_deref(),
-                };
-                return (self.page.respond(&outcome), "denied", None);
+        let (code, state) = match redirect::parse(req) {
+            Err(e) => return (Outcome::Rejected(e), None),
+            Ok(Redirect::Denied { error, description }) => {
+                return (Outcome::Denied { error, description }, None);
             }
-            Ok(Callback::Authorized { code, state }) => (code, state),
+            Ok(Redirect::Authorized { code, state }) => (code, state),
         };
         // A HEAD (a link checker, a preview) must not spend the code.
         if req.is_head() {
-            return (self.page.respond(&Outcome::Probed), "head", Some(code));
+            return (Outcome::Probed, Some(code));
         }
         let result = match &self.store {
             Some(store) => {
@@ -106,37 +100,30 @@ impl Relay {
             }
             None => deliver(&state, &code).map(|reply| (reply, Delivery::First)),
         };
-        match result {
-            Ok((reply, delivery)) => {
-                let outcome = match (reply.success, delivery) {
-                    (true, Delivery::First) => "approved",
-                    (false, Delivery::First) => "refused",
-                    (true, Delivery::Replayed) => "approved-replayed",
-                    (false, Delivery::Replayed) => "refused-replayed",
-                };
-                (
-                    self.page.respond(&Outcome::Answered(&reply)),
-                    outcome,
-                    Some(code),
-                )
-            }
+        let outcome = match result {
+            Ok((reply, delivery)) => Outcome::Answered { reply, delivery },
             Err(e) => {
                 log::warn!("code={}: {e}", fingerprint(&code));
-                (
-                    self.page.respond(&Outcome::BotFailed(&e)),
-                    e.outcome(),
-                    Some(code),
-                )
+                Outcome::BotFailed(e.kind())
             }
-        }
+        };
+        (outcome, Some(code))
     }
 }
 
-/// The first 8 hex digits of the code's SHA-256: enough to follow one
-/// player's request through the logs, useless for redeeming the code.
-pub fn fingerprint(code: &str) -> String {
-    let digest = Sha256::digest(code.as_bytes());
-    digest.iter().take(4).map(|b| format!("{b:02x}")).collect()
+/// The response for `outcome`, and its one log line: outcome, status,
+/// milliseconds since `started` and the code's fingerprint, never the code.
+/// Every answer the program gives goes through here.
+pub fn answer(page: &Page, outcome: &Outcome, started: Instant, code: Option<&str>) -> Response {
+    let response = page.respond(outcome);
+    info!(
+        "outcome={} status={} ms={} code={}",
+        outcome.log_name(),
+        response.status,
+        started.elapsed().as_millis(),
+        code.map(fingerprint).as_deref().unwrap_or("-"),
+    );
+    response
 }
 
 #[cfg(test)]
@@ -259,11 +246,5 @@ mod tests {
             assert!(!b.contains("secretcode") && !b.contains("secretstate"));
             assert_eq!(b.contains("Try again"), status == 503);
         }
-    }
-
-    #[test]
-    fn fingerprint_is_eight_hex_digits_of_sha256() {
-        // sha256("abc") = ba7816bf...
-        assert_eq!(fingerprint("abc"), "ba7816bf");
     }
 }

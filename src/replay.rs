@@ -20,8 +20,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,9 +28,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::warn;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::bot::{BotError, BotReply};
+use crate::{fingerprint, sys};
 
 /// How often one process sweeps expired entries out of the directory.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -72,8 +70,7 @@ impl Store {
             Err(e) => return Err(e),
         }
         let meta = fs::metadata(dir)?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let uid = unsafe { libc::geteuid() };
+        let uid = sys::effective_uid();
         if !meta.is_dir() {
             return Err(io::Error::other("not a directory"));
         }
@@ -86,20 +83,7 @@ impl Store {
         // here), asked without making one: in CGI mode this runs for every
         // request, and creating and deleting a file is the slow part of
         // the store.
-        let c_dir = std::ffi::CString::new(dir.as_os_str().as_bytes())
-            .map_err(|_| io::Error::other("path contains a NUL byte"))?;
-        // SAFETY: a valid C string; faccessat only reads it.
-        let rc = unsafe {
-            libc::faccessat(
-                libc::AT_FDCWD,
-                c_dir.as_ptr(),
-                libc::W_OK | libc::X_OK,
-                libc::AT_EACCESS,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        sys::can_create_in(dir)?;
         Ok(Store {
             dir: dir.to_path_buf(),
             ttl,
@@ -170,7 +154,12 @@ impl Store {
                     && let Err(w) = save(
                         &file,
                         len,
-                        format!("{} {}", now_nanos(), e.status()).as_bytes(),
+                        format!(
+                            "{} {}",
+                            now_nanos(),
+                            crate::outcome::Outcome::BotFailed(e.kind()).status()
+                        )
+                        .as_bytes(),
                     )
                 {
                     warn!("replay store: cannot note a failed delivery: {w}");
@@ -201,16 +190,7 @@ impl Store {
                 .truncate(false)
                 .mode(0o600)
                 .open(&path)?;
-            loop {
-                // SAFETY: a valid, open fd.
-                let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-                if rc == 0 {
-                    break;
-                }
-                let err = io::Error::last_os_error();
-                if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                    return Err(err);
-                }
+            while !sys::try_lock_exclusive(&file)? {
                 if Instant::now() + pause > deadline {
                     return Ok(None);
                 }
@@ -292,8 +272,7 @@ impl Store {
             let Ok(file) = File::open(&path) else {
                 continue;
             };
-            // SAFETY: a valid, open fd.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            if sys::try_lock_exclusive(&file).unwrap_or(false) {
                 let _ = fs::remove_file(&path);
             }
         }
@@ -329,16 +308,8 @@ fn save(file: &File, len: u64, bytes: &[u8]) -> io::Result<()> {
 
 /// The file name for a code: its SHA-256 in hex.
 fn key(code: &str) -> String {
-    let digest = Sha256::digest(code.as_bytes());
-    let mut out = String::with_capacity(64);
-    for b in digest.iter() {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 15)]));
-    }
-    out
+    fingerprint::sha256_hex(code.as_bytes())
 }
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
 
 fn now_nanos() -> u128 {
     SystemTime::now()

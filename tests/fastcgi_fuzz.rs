@@ -1,85 +1,75 @@
-//! Property tests: whatever bytes arrive on a FastCGI connection,
-//! `serve_connection` returns (no panic, no hang), calls the handler at most
-//! once per BEGIN_REQUEST, and writes only well-formed records.
+//! Property tests: whatever bytes arrive on a FastCGI connection, the
+//! connection state machine ends (no panic, no hang), yields at most one
+//! request per BEGIN_REQUEST, and writes only well-formed records; the
+//! blocking driver over an in-memory stream does exactly what the state
+//! machine says.
 
 use std::cell::Cell;
-use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use tourney_register::fastcgi::{
-    self, ABORT_REQUEST, BEGIN_REQUEST, END_REQUEST, FLAG_KEEP_CONN, GET_VALUES, HEADER_LEN,
-    Limits, PARAMS, ROLE_RESPONDER, STDIN, STDOUT,
+    self, Connection, Duplex, FLAG_KEEP_CONN, HEADER_LEN, RecordType, Role, Step,
 };
 use tourney_register::http::{Request, Response};
+use tourney_register::limits::Limits;
 
-/// Input from a byte string handed out in chunks of set sizes (cycled),
-/// output into a Vec.
-struct Duplex {
-    input: Vec<u8>,
-    pos: usize,
-    chunks: Vec<usize>,
-    reads: usize,
-    output: Vec<u8>,
-}
-
-impl Duplex {
-    fn new(input: Vec<u8>, chunks: Vec<usize>) -> Duplex {
-        Duplex {
-            input,
-            pos: 0,
-            chunks,
-            reads: 0,
-            output: Vec::new(),
-        }
-    }
-}
-
-impl Read for Duplex {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let chunk = match self.chunks.as_slice() {
-            [] => usize::MAX,
-            sizes => sizes[self.reads % sizes.len()],
-        };
-        self.reads += 1;
-        let rest = &self.input[self.pos..];
-        let n = buf.len().min(chunk).min(rest.len());
-        buf[..n].copy_from_slice(&rest[..n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
-impl Write for Duplex {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.output.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+const BEGIN_REQUEST: u8 = RecordType::BeginRequest as u8;
+const ABORT_REQUEST: u8 = RecordType::AbortRequest as u8;
+const END_REQUEST: u8 = RecordType::EndRequest as u8;
+const PARAMS: u8 = RecordType::Params as u8;
+const STDIN: u8 = RecordType::Stdin as u8;
+const STDOUT: u8 = RecordType::Stdout as u8;
+const GET_VALUES: u8 = RecordType::GetValues as u8;
+const ROLE_RESPONDER: u16 = Role::Responder as u16;
 
 struct Outcome {
-    result: io::Result<()>,
+    result: Result<(), fastcgi::Error>,
     calls: usize,
     output: Vec<u8>,
 }
 
+fn answer(req: &Request) -> Response {
+    Response {
+        status: 200,
+        headers: vec![("Content-Type", "text/plain".into())],
+        body: req.query.clone(),
+    }
+}
+
+/// Feeds `input` to a connection state machine in chunks of the given
+/// sizes (cycled; none: all at once), answering every request it yields.
+/// No clock moves: deadlines never pass.
 fn serve_chunked(input: Vec<u8>, chunks: Vec<usize>, limits: &Limits) -> Outcome {
-    let calls = Cell::new(0);
-    let handler = |req: &Request| {
-        calls.set(calls.get() + 1);
-        Response {
-            status: 200,
-            headers: vec![("Content-Type", "text/plain".into())],
-            body: req.query.clone(),
+    let now = Instant::now();
+    let mut conn = Connection::new(*limits, now);
+    let mut rest = &input[..];
+    let mut sizes = chunks.iter().copied().cycle();
+    let mut calls = 0;
+    let mut output = Vec::new();
+    loop {
+        let step = conn.next(now);
+        output.extend_from_slice(conn.output());
+        conn.clear_output();
+        match step {
+            Step::Read { .. } => {
+                let n = sizes.next().unwrap_or(usize::MAX).min(rest.len());
+                let (chunk, after) = rest.split_at(n);
+                conn.feed(chunk, now);
+                rest = after;
+            }
+            Step::Request(req) => {
+                calls += 1;
+                conn.respond(&answer(&req).to_cgi_bytes(req.is_head()), now);
+            }
+            Step::Close(result) => {
+                return Outcome {
+                    result,
+                    calls,
+                    output,
+                };
+            }
         }
-    };
-    let mut duplex = Duplex::new(input, chunks);
-    let result = fastcgi::serve_connection(&mut duplex, &handler, limits);
-    Outcome {
-        result,
-        calls: calls.get(),
-        output: duplex.output,
     }
 }
 
@@ -123,8 +113,8 @@ fn assert_well_formed(output: &[u8]) -> Result<(), TestCaseError> {
             [
                 STDOUT,
                 END_REQUEST,
-                fastcgi::GET_VALUES_RESULT,
-                fastcgi::UNKNOWN_TYPE
+                RecordType::GetValuesResult as u8,
+                RecordType::UnknownType as u8
             ]
             .contains(&h.kind),
             "unexpected type {}",
@@ -151,6 +141,7 @@ fn limits() -> impl Strategy<Value = Limits> {
             max_params_bytes: p,
             max_stdin_bytes: s,
             max_conns: c,
+            ..Limits::default()
         })
 }
 
@@ -366,12 +357,31 @@ proptest! {
         prop_assert_eq!(trickled.output, whole.output);
     }
 
+    /// The blocking driver over an in-memory stream, however the bytes
+    /// trickle in, answers exactly as the state machine does, and ends the
+    /// same way.
+    #[test]
+    fn the_driver_does_what_the_core_says(input in records(), limits in limits(), chunks in prop::collection::vec(1usize..50, 0..4)) {
+        let core = serve(input.clone(), &limits);
+        let calls = Cell::new(0);
+        let handler = |req: &Request| {
+            calls.set(calls.get() + 1);
+            answer(req)
+        };
+        let mut duplex = Duplex::chunked(input, chunks);
+        let result = fastcgi::serve_connection(&mut duplex, &handler, &limits);
+        prop_assert_eq!(&duplex.output, &core.output);
+        prop_assert_eq!(calls.get(), core.calls);
+        prop_assert_eq!(result.is_ok(), core.result.is_ok());
+    }
+
     /// The busy answer goes only to a connection that opens with
     /// BEGIN_REQUEST, whatever follows.
     #[test]
     fn overloaded_any_bytes(input in prop_oneof![prop::collection::vec(any::<u8>(), 0..64), records()]) {
-        let mut duplex = Duplex::new(input.clone(), Vec::new());
-        let _ = fastcgi::reject_overloaded(&mut duplex, b"Status: 503\r\n\r\nbusy");
+        let mut duplex = Duplex::new(input.clone());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let _ = fastcgi::reject_overloaded(&mut duplex, b"Status: 503\r\n\r\nbusy", deadline);
         assert_well_formed(&duplex.output)?;
         let opens_with_begin = framed(&input)
             .first()

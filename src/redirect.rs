@@ -1,4 +1,4 @@
-//! Reading the OAuth redirect: `/register?code=C&state=S`, or
+//! Reading the OAuth redirect osu! sends the player back with: `/register?code=C&state=S`, or
 //! `?error=access_denied&error_description=…&state=S` when the player
 //! pressed Cancel on osu!'s page.
 //!
@@ -19,56 +19,41 @@ pub const MAX_QUERY: usize = 8192;
 
 /// What osu! sent the player back with.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Callback {
+pub enum Redirect {
     /// The player signed in: the code is for the bot to exchange.
-    Authorized { code: String, state: String },
+    Authorized {
+        /// The single-use OAuth code.
+        code: String,
+        /// The bot's encrypted token naming the player.
+        state: String,
+    },
     /// osu! reported an error instead (`access_denied` when the player
     /// pressed Cancel).
     Denied {
+        /// osu!'s error code.
         error: String,
+        /// osu!'s explanation, if it gave one.
         description: Option<String>,
     },
 }
 
-/// Why a request was turned away before the bot was contacted. Each
-/// maps to one HTTP status.
+/// Why a request was turned away before the bot was contacted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequestError {
+    /// A method other than GET or HEAD.
     MethodNotAllowed,
+    /// A path below `/register` other than `/`.
     NotFound,
+    /// A query string over [`MAX_QUERY`] bytes.
     QueryTooLong,
+    /// The named parameter is over [`MAX_VALUE`] bytes.
     ValueTooLong(&'static str),
     /// Bad percent-encoding, or bytes that are not UTF-8 once decoded.
     BadEncoding,
+    /// The named parameter is missing or empty.
     Missing(&'static str),
+    /// The named parameter is given more than once.
     Repeated(&'static str),
-}
-
-impl RequestError {
-    pub fn status(&self) -> u16 {
-        match self {
-            RequestError::MethodNotAllowed => 405,
-            RequestError::NotFound => 404,
-            RequestError::QueryTooLong => 414,
-            RequestError::ValueTooLong(_)
-            | RequestError::BadEncoding
-            | RequestError::Missing(_)
-            | RequestError::Repeated(_) => 400,
-        }
-    }
-
-    /// A short name for the log line.
-    pub fn outcome(&self) -> &'static str {
-        match self {
-            RequestError::MethodNotAllowed => "bad-method",
-            RequestError::NotFound => "not-found",
-            RequestError::QueryTooLong => "query-too-long",
-            RequestError::ValueTooLong(_) => "value-too-long",
-            RequestError::BadEncoding => "bad-encoding",
-            RequestError::Missing(_) => "missing-param",
-            RequestError::Repeated(_) => "repeated-param",
-        }
-    }
 }
 
 impl fmt::Display for RequestError {
@@ -92,7 +77,7 @@ impl std::error::Error for RequestError {}
 /// Checks the method, path and query of a request and pulls out what
 /// osu! sent. Unknown parameters are ignored, so a future osu! that adds
 /// one does not break sign-ups.
-pub fn parse(req: &Request) -> Result<Callback, RequestError> {
+pub fn parse(req: &Request) -> Result<Redirect, RequestError> {
     if req.method != b"GET" && req.method != b"HEAD" {
         return Err(RequestError::MethodNotAllowed);
     }
@@ -130,14 +115,14 @@ pub fn parse(req: &Request) -> Result<Callback, RequestError> {
     }
     let nonempty = |v: Option<String>| v.filter(|s| !s.is_empty());
     if let Some(error) = nonempty(fields.error) {
-        return Ok(Callback::Denied {
+        return Ok(Redirect::Denied {
             error,
             description: nonempty(fields.description),
         });
     }
     let code = nonempty(fields.code).ok_or(RequestError::Missing("code"))?;
     let state = nonempty(fields.state).ok_or(RequestError::Missing("state"))?;
-    Ok(Callback::Authorized { code, state })
+    Ok(Redirect::Authorized { code, state })
 }
 
 #[derive(Default)]
@@ -187,7 +172,7 @@ fn hex(b: u8) -> Option<u8> {
 mod tests {
     use super::*;
 
-    fn get(query: &str) -> Result<Callback, RequestError> {
+    fn get(query: &str) -> Result<Redirect, RequestError> {
         parse(&Request {
             method: b"GET".to_vec(),
             path_info: Vec::new(),
@@ -195,8 +180,8 @@ mod tests {
         })
     }
 
-    fn authorized(code: &str, state: &str) -> Result<Callback, RequestError> {
-        Ok(Callback::Authorized {
+    fn authorized(code: &str, state: &str) -> Result<Redirect, RequestError> {
+        Ok(Redirect::Authorized {
             code: code.into(),
             state: state.into(),
         })
@@ -242,14 +227,14 @@ mod tests {
     fn cancel() {
         assert_eq!(
             get("error=access_denied&error_description=The+resource+owner+denied&state=s"),
-            Ok(Callback::Denied {
+            Ok(Redirect::Denied {
                 error: "access_denied".into(),
                 description: Some("The resource owner denied".into()),
             })
         );
         assert_eq!(
             get("error=access_denied"),
-            Ok(Callback::Denied {
+            Ok(Redirect::Denied {
                 error: "access_denied".into(),
                 description: None
             })
@@ -257,7 +242,7 @@ mod tests {
         // An error wins over a code: osu! said the sign-in failed.
         assert!(matches!(
             get("error=server_error&code=c&state=s"),
-            Ok(Callback::Denied { .. })
+            Ok(Redirect::Denied { .. })
         ));
     }
 
@@ -317,8 +302,6 @@ mod tests {
         );
         let query = format!("code=c&state=s&pad={}", "x".repeat(MAX_QUERY));
         assert_eq!(get(&query), Err(RequestError::QueryTooLong));
-        assert_eq!(RequestError::QueryTooLong.status(), 414);
-        assert_eq!(RequestError::ValueTooLong("code").status(), 400);
     }
 
     #[test]
@@ -329,13 +312,11 @@ mod tests {
             query: b"code=c&state=s".to_vec(),
         };
         assert_eq!(parse(&req), Err(RequestError::MethodNotAllowed));
-        assert_eq!(RequestError::MethodNotAllowed.status(), 405);
         req.method = b"HEAD".to_vec();
         assert_eq!(parse(&req), authorized("c", "s"));
         req.path_info = b"/".to_vec();
         assert_eq!(parse(&req), authorized("c", "s"));
         req.path_info = b"/x".to_vec();
         assert_eq!(parse(&req), Err(RequestError::NotFound));
-        assert_eq!(RequestError::NotFound.status(), 404);
     }
 }

@@ -1,0 +1,121 @@
+//! The blocking driver: a [`Connection`] over a stream whose reads and
+//! writes block, each read bounded by the connection's current deadline.
+
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+use super::conn::{self, Connection, Step, TurnAway, turn_away};
+use super::wire::HEADER_LEN;
+use crate::http::{Request, Response};
+use crate::limits::Limits;
+
+/// How much one read asks for.
+const READ_SIZE: usize = 8 * 1024;
+
+/// A stream whose blocking reads and writes can be bounded.
+pub trait TimedStream: Read + Write {
+    /// Bounds each following read.
+    fn set_read_timeout(&mut self, timeout: Duration) -> io::Result<()>;
+    /// Bounds each following write.
+    fn set_write_timeout(&mut self, timeout: Duration) -> io::Result<()>;
+}
+
+/// Serves requests on one connection until it closes, keep_conn ends, a
+/// deadline passes, or an error.
+///
+/// The handler is called at most once per BEGIN_REQUEST, after the whole
+/// request (params and body) has arrived. End of stream between requests
+/// is a clean close and returns `Ok`; end of stream inside a record or a
+/// request, a record that is not version 1, a short BEGIN_REQUEST body and
+/// a peer past its deadline return an error. A request over a cap in
+/// `limits` is answered `400 Bad Request` and the connection closed with
+/// `Ok`. Each answer goes out in one write.
+pub fn serve_connection<S: TimedStream>(
+    stream: &mut S,
+    handler: &dyn Fn(&Request) -> Response,
+    limits: &Limits,
+) -> io::Result<()> {
+    stream.set_write_timeout(limits.write_timeout)?;
+    let mut conn = Connection::new(*limits, Instant::now());
+    let mut buf = Vec::new();
+    loop {
+        let step = conn.next(Instant::now());
+        // One write per reply: unbuffered record-by-record writes were
+        // measured as a major cost.
+        if !conn.output().is_empty() {
+            stream.write_all(conn.output())?;
+            stream.flush()?;
+            conn.clear_output();
+        }
+        match step {
+            Step::Read { deadline } => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                // A zero timeout means "block forever" to the socket API.
+                stream.set_read_timeout(left.max(Duration::from_millis(1)))?;
+                buf.resize(READ_SIZE, 0);
+                match stream.read(&mut buf) {
+                    Ok(n) => conn.feed(&buf[..n], Instant::now()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Step::Request(request) => {
+                // The read buffer is not held while the handler waits on
+                // the bot (in --listen mode hundreds of threads wait at once).
+                buf = Vec::new();
+                let cgi = handler(&request).to_cgi_bytes(request.is_head());
+                conn.respond(&cgi, Instant::now());
+            }
+            Step::Close(end) => return end.map_err(io_error),
+        }
+    }
+}
+
+/// For a connection over the cap: read its first record header by
+/// `deadline`, answer `busy` (a response in CGI form, the 503 page) with
+/// protocol status `FCGI_OVERLOADED` if it opened with BEGIN_REQUEST, and
+/// return whether it did. A connection that opens otherwise, or closes
+/// first, is left unanswered.
+pub fn reject_overloaded<S: TimedStream>(
+    stream: &mut S,
+    busy: &[u8],
+    deadline: Instant,
+) -> io::Result<bool> {
+    let mut first = [0; HEADER_LEN];
+    let mut got = 0;
+    loop {
+        match turn_away(&first[..got], busy) {
+            TurnAway::NeedMore => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                stream.set_read_timeout(left)?;
+                match stream.read(&mut first[got..]) {
+                    Ok(0) => return Ok(false),
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            TurnAway::Answer(out) => {
+                stream.write_all(&out)?;
+                stream.flush()?;
+                return Ok(true);
+            }
+            TurnAway::Ignore => return Ok(false),
+        }
+    }
+}
+
+fn io_error(e: conn::Error) -> io::Error {
+    let kind = match e {
+        conn::Error::ClosedMidRecord | conn::Error::ClosedMidRequest => {
+            io::ErrorKind::UnexpectedEof
+        }
+        conn::Error::BadVersion | conn::Error::ShortBeginRequest => io::ErrorKind::InvalidData,
+        conn::Error::TimedOut => io::ErrorKind::TimedOut,
+        conn::Error::Unanswered => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}

@@ -1,0 +1,162 @@
+//! The FastCGI accept loops.
+//!
+//! Two shapes, one per deployment:
+//! - an inherited listening socket, fd 0 (mod_fcgid, spawn-fcgi): the web
+//!   server gives each process one request at a time, so the loop serves
+//!   connections in turn on the main thread ([`serve_serial`]);
+//! - `--listen` (mod_proxy_fcgi, nginx): one long-lived process serves
+//!   many connections at once from a [`pool::Pool`] ([`serve_pool`]).
+//!
+//! A stop signal ([`stop`]) ends the accepting; requests in flight
+//! finish, bounded by the bot timeout, and the process exits 0. A code the
+//! bot has received always gets its answer back to the player.
+
+pub mod pool;
+pub mod stop;
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use log::info;
+
+use crate::fastcgi;
+use crate::http::{Request, Response};
+use crate::limits::Limits;
+use crate::net::{Listener, Stream};
+use crate::relay::Relay;
+use pool::{Counter, Pool};
+use stop::StopSignal;
+
+/// What the server is doing, for whoever reports on it (a log line, a
+/// service manager's status).
+#[derive(Debug, Default)]
+pub struct Status {
+    in_flight: Arc<Counter>,
+    /// Connections being served (a request in flight, its answer being
+    /// written, or a keep-alive connection waiting for the next).
+    open: Arc<Counter>,
+    served: AtomicU64,
+    stopping: AtomicBool,
+}
+
+impl Status {
+    /// Requests inside the pipeline right now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
+    /// Connections open right now.
+    pub fn open_connections(&self) -> usize {
+        self.open.get()
+    }
+
+    /// Requests answered by the pipeline since start.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::SeqCst)
+    }
+
+    /// Whether a stop began: no new connections are accepted.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Runs the pipeline on one request, counted.
+    fn handle(&self, relay: &Relay, req: &Request) -> Response {
+        let _in_flight = self.in_flight.register();
+        let response = relay.handle(req);
+        self.served.fetch_add(1, Ordering::SeqCst);
+        response
+    }
+
+    fn begin_stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Serves connections from an inherited listener one after another until
+/// stopped.
+pub fn serve_serial(
+    relay: &Relay,
+    listener: Listener,
+    limits: &Limits,
+    status: Arc<Status>,
+) -> io::Result<()> {
+    let stop = StopSignal::install()?;
+    let current: Arc<Mutex<Option<Stream>>> = Arc::default();
+    let watcher = stop.watcher()?;
+    let (watched, watched_status) = (current.clone(), status.clone());
+    thread::Builder::new()
+        .name("stop".into())
+        .stack_size(64 * 1024)
+        .spawn(move || end_idle_on_stop(watcher, &watched, &watched_status))?;
+    let handler = |req: &Request| status.handle(relay, req);
+    info!("serving FastCGI on {}", listener.describe());
+    while let Some(mut stream) = stop.next_connection(&listener)? {
+        *lock(&current) = stream.try_clone().ok();
+        let _open = status.open.register();
+        if let Err(e) = fastcgi::serve_connection(&mut stream, &handler, limits) {
+            info!("FastCGI connection ended: {e}");
+        }
+        *lock(&current) = None;
+    }
+    status.begin_stopping();
+    info!("stop requested, exiting");
+    Ok(())
+}
+
+/// Waits for a stop signal, then ends the current connection's reading
+/// side as soon as no request is in the pipeline. A web server that keeps
+/// an idle connection open (FCGI_KEEP_CONN) would otherwise hold the
+/// process until its idle deadline. Only reading is shut: an answer being
+/// written still goes out whole.
+fn end_idle_on_stop(
+    watcher: std::os::unix::net::UnixStream,
+    current: &Mutex<Option<Stream>>,
+    status: &Status,
+) {
+    if stop::wait_for_stop(watcher).is_err() {
+        return;
+    }
+    loop {
+        if let Some(stream) = &*lock(current)
+            && status.in_flight() == 0
+        {
+            let _ = stream.shutdown_read();
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Serves connections concurrently until stopped, then lets requests in
+/// flight finish within [`Limits::stop_grace`].
+pub fn serve_pool(
+    relay: Arc<Relay>,
+    listener: Listener,
+    limits: &Limits,
+    status: Arc<Status>,
+) -> io::Result<()> {
+    let stop = StopSignal::install()?;
+    let pool = Pool::new(relay, *limits, status.clone());
+    info!(
+        "listening on {} (up to {} connections)",
+        listener.describe(),
+        limits.max_conns
+    );
+    while let Some(stream) = stop.next_connection(&listener)? {
+        pool.dispatch(stream);
+    }
+    status.begin_stopping();
+    info!("stop requested: no new connections; finishing requests in flight");
+    drop(listener);
+    pool.finish(limits.stop_grace);
+    info!("stopped");
+    Ok(())
+}
+
+/// Takes a lock even if a thread panicked while holding it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

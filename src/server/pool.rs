@@ -1,0 +1,334 @@
+//! The `--listen` connection pool: threads that grow on demand up to
+//! [`Limits::max_conns`] and then stay, so a burst pays for thread creation
+//! once. Past the cap a connection is turned away "overloaded" on a
+//! thread of its own, so the accept loop never waits on a peer.
+//!
+//! Every count is held by a [`Registration`] guard, so no path can forget
+//! to give it back (the shape of tiny_http's `task_pool.rs`).
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+
+use super::Status;
+use crate::fastcgi;
+use crate::limits::Limits;
+use crate::net::Stream;
+use crate::relay::Relay;
+
+/// Stack for each connection thread: the pipeline is shallow, and a small
+/// stack keeps a few hundred threads cheap.
+const STACK: usize = 256 * 1024;
+/// Stack for a thread turning a connection away: it only reads a header
+/// and writes a page.
+const TURN_AWAY_STACK: usize = 64 * 1024;
+/// How long a connection over the cap waits for a thread to come free
+/// (one may be a moment from taking its next connection) before it is
+/// turned away.
+const FREE_WAIT: Duration = Duration::from_millis(100);
+
+/// A number of things in progress.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicUsize);
+
+impl Counter {
+    /// How many right now.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Counts one more until the guard is dropped.
+    pub fn register(self: &Arc<Counter>) -> Registration {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Registration(self.clone())
+    }
+
+    /// Counts one more, unless there are `cap` already.
+    pub fn try_register(self: &Arc<Counter>, cap: usize) -> Option<Registration> {
+        self.0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Registration(self.clone()))
+    }
+}
+
+/// One counted thing; dropping it counts it out.
+#[derive(Debug)]
+pub struct Registration(Arc<Counter>);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        (self.0).0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Connections waiting for a thread, and the threads.
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<Stream>,
+    /// Threads started and not yet ended.
+    threads: usize,
+    /// Threads waiting for a connection.
+    idle: usize,
+    /// No more connections come: idle threads end.
+    closed: bool,
+    /// Turn-away threads waiting on `freed`.
+    hoping: usize,
+}
+
+impl Queue {
+    fn has_free_thread(&self) -> bool {
+        self.idle > self.waiting.len()
+    }
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    /// A connection is waiting for a thread.
+    ready: Condvar,
+    /// A thread is waiting for a connection (signalled only when someone
+    /// hopes for one, to keep the common path free of wake-ups).
+    freed: Condvar,
+    relay: Arc<Relay>,
+    limits: Limits,
+    status: Arc<Status>,
+    /// Connections being turned away right now.
+    turning_away: Arc<Counter>,
+}
+
+/// The pool of connection threads.
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+impl Pool {
+    /// An empty pool; threads start as connections come.
+    pub fn new(relay: Arc<Relay>, limits: Limits, status: Arc<Status>) -> Pool {
+        Pool {
+            shared: Arc::new(Shared {
+                queue: Mutex::new(Queue::default()),
+                ready: Condvar::new(),
+                freed: Condvar::new(),
+                relay,
+                limits,
+                status,
+                turning_away: Arc::new(Counter::default()),
+            }),
+        }
+    }
+
+    /// Hands a connection to a thread, starting one if all are busy and
+    /// the cap allows, or to a thread that turns it away. Never waits on
+    /// a peer.
+    pub fn dispatch(&self, stream: Stream) {
+        let shared = &self.shared;
+        let mut queue = lock(&shared.queue);
+        if queue.has_free_thread() {
+            queue.waiting.push_back(stream);
+            drop(queue);
+            shared.ready.notify_one();
+        } else if queue.threads < shared.limits.max_conns {
+            queue.threads += 1;
+            queue.waiting.push_back(stream);
+            drop(queue);
+            let worker = shared.clone();
+            if let Err(e) = thread::Builder::new()
+                .name("fcgi".into())
+                .stack_size(STACK)
+                .spawn(move || worker.work())
+            {
+                // The connection stays queued for the next free thread.
+                error!("cannot start a connection thread: {e}");
+                lock(&shared.queue).threads -= 1;
+            }
+        } else {
+            drop(queue);
+            self.turn_away(stream);
+        }
+    }
+
+    /// Turns a connection over the cap away on a thread of its own, or,
+    /// past [`Limits::max_turning_away`] of those, closes it unanswered.
+    fn turn_away(&self, stream: Stream) {
+        let shared = &self.shared;
+        let Some(slot) = shared
+            .turning_away
+            .try_register(shared.limits.max_turning_away)
+        else {
+            warn!(
+                "at the cap of {} connections and turning away as many as allowed: closing one unanswered",
+                shared.limits.max_conns
+            );
+            return;
+        };
+        let shared = shared.clone();
+        let spawned = thread::Builder::new()
+            .name("turn-away".into())
+            .stack_size(TURN_AWAY_STACK)
+            .spawn(move || {
+                let _slot = slot;
+                shared.turn_away(stream);
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start a thread to turn a connection away, closing it: {e}");
+        }
+    }
+
+    /// Lets requests in flight finish within `grace`, then gives answers
+    /// being written a moment.
+    pub fn finish(self, grace: Duration) {
+        let shared = &self.shared;
+        lock(&shared.queue).closed = true;
+        shared.ready.notify_all();
+        let deadline = Instant::now() + grace;
+        while shared.status.in_flight() > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        let left = shared.status.in_flight();
+        if left > 0 {
+            warn!(
+                "{left} requests still in flight after {} ms; exiting anyway",
+                grace.as_millis()
+            );
+        }
+        // Answers are written right after the pipeline returns; give those
+        // writes a moment. A keep-alive connection still open after it is
+        // idle, with no request of its own to lose.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while shared.status.open.get() > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Shared {
+    /// A connection thread: serves connections from the queue until the
+    /// pool closes.
+    fn work(&self) {
+        let handler = |req: &crate::http::Request| self.status.handle(&self.relay, req);
+        while let Some(mut stream) = self.next_connection() {
+            let _open = self.status.open.register();
+            if let Err(e) = fastcgi::serve_connection(&mut stream, &handler, &self.limits) {
+                info!("FastCGI connection ended: {e}");
+            }
+        }
+    }
+
+    fn next_connection(&self) -> Option<Stream> {
+        let mut queue = lock(&self.queue);
+        queue.idle += 1;
+        if queue.hoping > 0 {
+            self.freed.notify_all();
+        }
+        loop {
+            if let Some(stream) = queue.waiting.pop_front() {
+                queue.idle -= 1;
+                return Some(stream);
+            }
+            if queue.closed {
+                queue.idle -= 1;
+                queue.threads -= 1;
+                return None;
+            }
+            queue = self.ready.wait(queue).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Queues a connection over the cap if a thread comes free within
+    /// [`FREE_WAIT`]; otherwise answers it "overloaded" (a 503 page and
+    /// `FCGI_OVERLOADED`), logged like every answer.
+    fn turn_away(&self, mut stream: Stream) {
+        let queue = lock(&self.queue);
+        let mut queue = if queue.has_free_thread() {
+            queue
+        } else {
+            let mut queue = queue;
+            queue.hoping += 1;
+            let (mut queue, _) = self
+                .freed
+                .wait_timeout_while(queue, FREE_WAIT, |q| !q.has_free_thread() && !q.closed)
+                .unwrap_or_else(|p| p.into_inner());
+            queue.hoping -= 1;
+            queue
+        };
+        if queue.has_free_thread() && !queue.closed {
+            queue.waiting.push_back(stream);
+            drop(queue);
+            self.ready.notify_one();
+            return;
+        }
+        drop(queue);
+        warn!(
+            "at the cap of {} connections: answering one connection 'overloaded'",
+            self.limits.max_conns
+        );
+        let deadline = Instant::now() + self.limits.turn_away_timeout;
+        let _ = stream.set_write_timeout(self.limits.turn_away_timeout);
+        let busy = self.relay.overloaded().to_cgi_bytes(false);
+        if let Ok(true) = fastcgi::reject_overloaded(&mut stream, &busy, deadline) {
+            linger(stream);
+        }
+    }
+}
+
+/// Closes a connection whose request was not read in full without
+/// resetting it: over TCP, closing with unread input sends a reset, and the
+/// web server could lose the answer just written. Bounded by a short wait.
+fn linger(mut stream: Stream) {
+    // A Unix socket never resets: the answer stays readable.
+    if matches!(stream, Stream::Unix(_))
+        || stream.shutdown_write().is_err()
+        || stream.set_timeouts(Duration::from_millis(50)).is_err()
+    {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_millis(100);
+    while Instant::now() < deadline {
+        match stream.read(&mut sink) {
+            Ok(n) if n > 0 => continue,
+            _ => return,
+        }
+    }
+}
+
+/// Takes a lock even if a thread panicked while holding it: the state is
+/// counters and a queue, always left consistent.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registrations_count_in_and_out() {
+        let c = Arc::new(Counter::default());
+        let a = c.register();
+        let b = c.register();
+        assert_eq!(c.get(), 2);
+        drop(a);
+        assert_eq!(c.get(), 1);
+        drop(b);
+        assert_eq!(c.get(), 0);
+    }
+
+    #[test]
+    fn try_register_stops_at_the_cap() {
+        let c = Arc::new(Counter::default());
+        let a = c.try_register(2).unwrap();
+        let _b = c.try_register(2).unwrap();
+        assert!(c.try_register(2).is_none());
+        drop(a);
+        assert!(c.try_register(2).is_some());
+        assert_eq!(c.get(), 1);
+    }
+}
