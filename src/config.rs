@@ -15,6 +15,7 @@ use std::time::Duration;
 pub enum BotAddr {
     /// Resolved at start so that no request waits on a name lookup.
     Tcp(Vec<SocketAddr>),
+    /// A Unix socket's path.
     Unix(PathBuf),
 }
 
@@ -33,20 +34,26 @@ impl fmt::Display for BotAddr {
 /// How the two messages are encoded on the bot's socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wire {
+    /// UTF-8 JSON objects.
     Json,
     /// Python's pickle, so a cog written for the old Flask relay works
     /// unchanged. Replies are decoded as plain data only.
     Pickle,
 }
 
+/// Every `REGISTER_*` setting, checked.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// Where the bot listens (`REGISTER_BOT_ADDR`).
     pub bot_addr: BotAddr,
     /// Bound on the whole exchange with the bot: connect, send, reply.
     pub bot_timeout: Duration,
     /// How long a refused connection is retried, for a bot that restarts.
     pub bot_retry: Duration,
+    /// The bot's wire format (`REGISTER_WIRE`).
     pub wire: Wire,
+    /// An organiser's page template (`REGISTER_TEMPLATE`); `None`: the
+    /// built-in page.
     pub template: Option<PathBuf>,
     /// How long a code's answer is replayed to a repeat of the same code.
     pub replay_ttl: Duration,
@@ -54,16 +61,20 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// Cap on concurrent connections in `--listen` mode.
     pub max_conns: usize,
-    /// Read and write timeout on a web server's FastCGI connection, so a
-    /// server that stalls mid-record cannot pin a thread.
+    /// Bound on a web server's FastCGI request, on the wait between its
+    /// requests and on each write, so a server that stalls or trickles
+    /// cannot pin a thread.
     pub fcgi_timeout: Duration,
 }
 
 /// A setting that cannot be used, named so the operator can fix it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
+    /// The variable's name.
     pub var: &'static str,
+    /// Its value.
     pub value: String,
+    /// What it may be.
     pub allowed: &'static str,
 }
 

@@ -11,8 +11,11 @@ use std::io::{self, Write};
 /// Latin-1 byte must not cost the player the query string.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Request {
+    /// `REQUEST_METHOD`.
     pub method: Vec<u8>,
+    /// `PATH_INFO`: what follows `/register` in the path.
     pub path_info: Vec<u8>,
+    /// `QUERY_STRING`, still percent-encoded.
     pub query: Vec<u8>,
 }
 
@@ -34,6 +37,7 @@ impl Request {
         req
     }
 
+    /// Whether it is a HEAD request, answered without a body.
     pub fn is_head(&self) -> bool {
         self.method == b"HEAD"
     }
@@ -42,12 +46,17 @@ impl Request {
 /// A finished answer: status, headers and body, ready to print.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Response {
+    /// The HTTP status.
     pub status: u16,
+    /// Header names and values, in order; Content-Length is added when
+    /// it is written.
     pub headers: Vec<(&'static str, String)>,
+    /// The body.
     pub body: Vec<u8>,
 }
 
 impl Response {
+    /// The first value of header `name`, ignoring case.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()

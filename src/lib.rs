@@ -8,6 +8,7 @@
 //! the only module allowed `unsafe`.
 
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod bot;
 pub mod cgi;

@@ -53,7 +53,7 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
-            max_turning_away: 32,
+            max_turning_away: 64,
             turn_away_timeout: Duration::from_millis(500),
             stop_grace: Duration::from_secs(13),
         }

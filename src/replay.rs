@@ -38,10 +38,13 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Whether the answer came from the bot just now or from the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Delivery {
+    /// The bot answered this request.
     First,
+    /// The answer to an earlier request with the same code.
     Replayed,
 }
 
+/// The shared directory of answers, one file per code.
 pub struct Store {
     dir: PathBuf,
     ttl: Duration,
