@@ -43,16 +43,16 @@ fn timeout() -> Duration {
 }
 
 /// Sends `bytes` one at a time, `TRICKLE` apart, until the server closes
-/// the connection or the bytes run out; returns how long after the first
-/// byte the server closed it (`None`: it never did while bytes remained).
+/// the connection; returns how long after the first byte it did (`None`:
+/// not within the timeout and the margin).
 fn trickle(conn: &mut Conn, bytes: &[u8]) -> Option<Duration> {
     let first = Instant::now();
     for byte in bytes {
-        if conn.write_all(&[*byte]).is_err() {
+        if conn.write_all(&[*byte]).is_err() || conn.closed_within(TRICKLE) {
             return Some(first.elapsed());
         }
-        if conn.closed_within(TRICKLE) {
-            return Some(first.elapsed());
+        if first.elapsed() > timeout() + MARGIN {
+            return None;
         }
     }
     None

@@ -87,6 +87,16 @@ enum State {
     Done,
 }
 
+/// What the unparsed input starts with.
+enum Front {
+    /// A whole record, with this header.
+    Whole(Header),
+    /// Part of a record, or nothing.
+    Partial,
+    /// A record header that is not version 1.
+    BadVersion,
+}
+
 /// One connection's protocol state.
 pub struct Connection {
     limits: Limits,
@@ -168,11 +178,10 @@ impl Connection {
                 State::Answering { .. } => return self.finish(Err(Error::Unanswered)),
                 State::Idle | State::Receiving { .. } => {}
             }
-            let Some(header) = self.whole_record() else {
-                if let Err(e) = self.whole_record_error() {
-                    return self.finish(Err(e));
-                }
-                if self.eof {
+            let header = match self.front() {
+                Front::Whole(header) => header,
+                Front::BadVersion => return self.finish(Err(Error::BadVersion)),
+                Front::Partial if self.eof => {
                     let end = match self.state {
                         _ if self.start < self.input.len() => Err(Error::ClosedMidRecord),
                         State::Receiving { .. } => Err(Error::ClosedMidRequest),
@@ -180,12 +189,14 @@ impl Connection {
                     };
                     return self.finish(end);
                 }
-                let deadline = self.read_deadline();
-                if now >= deadline {
-                    return self.finish(Err(Error::TimedOut));
+                Front::Partial => {
+                    let deadline = self.read_deadline();
+                    if now >= deadline {
+                        return self.finish(Err(Error::TimedOut));
+                    }
+                    self.compact();
+                    return Step::Read { deadline };
                 }
-                self.compact();
-                return Step::Read { deadline };
             };
             let content_start = self.start + HEADER_LEN;
             let content_end = content_start + usize::from(header.content_length);
@@ -233,20 +244,15 @@ impl Connection {
         }
     }
 
-    /// The header of the whole record at the front of the input, if one
-    /// is there.
-    fn whole_record(&self) -> Option<Header> {
-        let rest = &self.input[self.start..];
-        let (raw, body) = rest.split_first_chunk::<HEADER_LEN>()?;
-        let header = parse_header(raw)?;
-        (body.len() >= header.body_len()).then_some(header)
-    }
-
-    /// A header at the front of the input that is already known to be bad.
-    fn whole_record_error(&self) -> Result<(), Error> {
-        match self.input[self.start..].first_chunk::<HEADER_LEN>() {
-            Some(raw) if parse_header(raw).is_none() => Err(Error::BadVersion),
-            _ => Ok(()),
+    /// What the unparsed input starts with.
+    fn front(&self) -> Front {
+        let Some((raw, body)) = self.input[self.start..].split_first_chunk::<HEADER_LEN>() else {
+            return Front::Partial;
+        };
+        match parse_header(raw) {
+            None => Front::BadVersion,
+            Some(header) if body.len() >= header.body_len() => Front::Whole(header),
+            Some(_) => Front::Partial,
         }
     }
 
