@@ -381,7 +381,7 @@ proptest! {
     fn overloaded_any_bytes(input in prop_oneof![prop::collection::vec(any::<u8>(), 0..64), records()]) {
         let mut duplex = Duplex::new(input.clone());
         let deadline = Instant::now() + Duration::from_secs(60);
-        let _ = fastcgi::reject_overloaded(&mut duplex, b"Status: 503\r\n\r\nbusy", deadline);
+        let _ = fastcgi::reject_overloaded(&mut duplex, || b"Status: 503\r\n\r\nbusy".to_vec(), deadline);
         assert_well_formed(&duplex.output)?;
         let opens_with_begin = framed(&input)
             .first()

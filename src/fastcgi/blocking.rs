@@ -4,7 +4,7 @@
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
-use super::conn::{self, Connection, Step, TurnAway, turn_away};
+use super::conn::{self, Connection, Step, TurnAway, encode_overloaded, turn_away};
 use super::wire::HEADER_LEN;
 use crate::http::{Request, Response};
 use crate::limits::Limits;
@@ -72,19 +72,19 @@ pub fn serve_connection<S: TimedStream>(
 }
 
 /// For a connection over the cap: read its first record header by
-/// `deadline`, answer `busy` (a response in CGI form, the 503 page) with
-/// protocol status `FCGI_OVERLOADED` if it opened with BEGIN_REQUEST, and
-/// return whether it did. A connection that opens otherwise, or closes
-/// first, is left unanswered.
+/// `deadline`; if it opened with BEGIN_REQUEST, answer it `busy()` (a
+/// response in CGI form, the 503 page) with protocol status
+/// `FCGI_OVERLOADED`, and return true. A connection that opens otherwise,
+/// or closes first, is left unanswered, and `busy` is not called.
 pub fn reject_overloaded<S: TimedStream>(
     stream: &mut S,
-    busy: &[u8],
+    busy: impl FnOnce() -> Vec<u8>,
     deadline: Instant,
 ) -> io::Result<bool> {
     let mut first = [0; HEADER_LEN];
     let mut got = 0;
     loop {
-        match turn_away(&first[..got], busy) {
+        match turn_away(&first[..got]) {
             TurnAway::NeedMore => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -98,7 +98,10 @@ pub fn reject_overloaded<S: TimedStream>(
                     Err(e) => return Err(e),
                 }
             }
-            TurnAway::Answer(out) => {
+            TurnAway::Answer(id) => {
+                let busy = busy();
+                let mut out = Vec::with_capacity(busy.len() + 64);
+                encode_overloaded(id, &busy, &mut out);
                 stream.write_all(&out)?;
                 stream.flush()?;
                 return Ok(true);

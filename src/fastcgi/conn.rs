@@ -447,41 +447,40 @@ impl Connection {
     }
 }
 
-/// The answer to a connection turned away at the connection cap, given
-/// the first bytes it sent.
+/// What to do with a connection turned away at the connection cap,
+/// given the first bytes it sent.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TurnAway {
     /// Fewer than a record header's bytes so far.
     NeedMore,
-    /// It opened with a BEGIN_REQUEST: send these bytes (the busy page on
-    /// STDOUT, then END_REQUEST with `FCGI_OVERLOADED`).
-    Answer(Vec<u8>),
+    /// It opened with a BEGIN_REQUEST for this request id: answer it with
+    /// [`encode_overloaded`].
+    Answer(u16),
     /// It opened with something else: close it unanswered.
     Ignore,
 }
 
-/// What to tell a connection over the cap that sent `first` (a response
-/// in CGI form, the caller's 503 page, as `busy`). Only the first record
-/// header is looked at: web servers open with BEGIN_REQUEST, and a peer
-/// that trickles anything longer must not hold the one turning it away.
-pub fn turn_away(first: &[u8], busy: &[u8]) -> TurnAway {
+/// Looks at the first record header of a connection over the cap, and
+/// only that: web servers open with BEGIN_REQUEST, and a peer that
+/// trickles anything longer must not hold the one turning it away.
+pub fn turn_away(first: &[u8]) -> TurnAway {
     let Some(raw) = first.first_chunk::<HEADER_LEN>() else {
         return TurnAway::NeedMore;
     };
     match parse_header(raw) {
         Some(h) if h.kind == u8::from(RecordType::BeginRequest) && h.request_id != 0 => {
-            let mut out = Vec::with_capacity(busy.len() + 64);
-            encode_stream(RecordType::Stdout, h.request_id, busy, &mut out);
-            encode_end_request(
-                h.request_id,
-                APP_ANSWERED,
-                ProtocolStatus::Overloaded,
-                &mut out,
-            );
-            TurnAway::Answer(out)
+            TurnAway::Answer(h.request_id)
         }
         _ => TurnAway::Ignore,
     }
+}
+
+/// Appends the answer to request `id` over the cap: `busy` (a response in
+/// CGI form, the 503 page) on STDOUT, then END_REQUEST with
+/// `FCGI_OVERLOADED`.
+pub fn encode_overloaded(id: u16, busy: &[u8], out: &mut Vec<u8>) {
+    encode_stream(RecordType::Stdout, id, busy, out);
+    encode_end_request(id, APP_ANSWERED, ProtocolStatus::Overloaded, out);
 }
 
 /// The request a complete PARAMS stream describes, or `None` (logged)
@@ -700,18 +699,18 @@ mod tests {
     fn turn_away_looks_at_the_first_header_only() {
         let busy = b"Status: 503\r\n\r\n";
         let req = request(9, false);
-        assert_eq!(turn_away(&req[..7], busy), TurnAway::NeedMore);
-        let TurnAway::Answer(out) = turn_away(&req[..8], busy) else {
-            panic!("no answer to a BEGIN_REQUEST");
-        };
+        assert_eq!(turn_away(&req[..7]), TurnAway::NeedMore);
+        assert_eq!(turn_away(&req[..8]), TurnAway::Answer(9));
+        let mut out = Vec::new();
+        encode_overloaded(9, busy, &mut out);
         assert!(out.windows(busy.len()).any(|w| w == busy));
         assert_eq!(
             &out[out.len() - 8..][4..5],
             &[ProtocolStatus::Overloaded as u8]
         );
-        assert_eq!(turn_away(&get_values(), busy), TurnAway::Ignore);
+        assert_eq!(turn_away(&get_values()), TurnAway::Ignore);
         assert_eq!(
-            turn_away(b"\x02\x01\x00\x01\x00\x08\x00\x00", busy),
+            turn_away(b"\x02\x01\x00\x01\x00\x08\x00\x00"),
             TurnAway::Ignore
         );
     }

@@ -41,7 +41,7 @@ mod duplex;
 mod wire;
 
 pub use blocking::{TimedStream, reject_overloaded, serve_connection};
-pub use conn::{Connection, Error, Step, TurnAway, turn_away};
+pub use conn::{Connection, Error, Step, TurnAway, encode_overloaded, turn_away};
 pub use duplex::Duplex;
 pub use wire::{
     FLAG_KEEP_CONN, HEADER_LEN, Header, ProtocolStatus, RecordType, Role, begin_request_body,
@@ -601,7 +601,7 @@ mod tests {
         let mut input = Vec::new();
         request(5, false, &get(b"x"), &mut input);
         let mut duplex = Duplex::new(input);
-        reject_overloaded(&mut duplex, &plain_text(503, "busy, try again\n"), far()).unwrap();
+        reject_overloaded(&mut duplex, || plain_text(503, "busy, try again\n"), far()).unwrap();
         let recs = records(&duplex.output);
         let body = String::from_utf8(stdout_of(&recs, 5)).unwrap();
         assert!(
@@ -628,7 +628,7 @@ mod tests {
             input,
         ] {
             let mut duplex = Duplex::new(input);
-            reject_overloaded(&mut duplex, b"Status: 503\r\n\r\n", far()).unwrap();
+            reject_overloaded(&mut duplex, || b"Status: 503\r\n\r\n".to_vec(), far()).unwrap();
             assert!(duplex.output.is_empty());
         }
     }

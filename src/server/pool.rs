@@ -266,13 +266,13 @@ impl Shared {
         }
         drop(queue);
         warn!(
-            "at the cap of {} connections: answering one connection 'overloaded'",
+            "at the cap of {} connections: turning one away",
             self.limits.max_conns
         );
         let deadline = Instant::now() + self.limits.turn_away_timeout;
         let _ = stream.set_write_timeout(self.limits.turn_away_timeout);
-        let busy = self.relay.overloaded().to_cgi_bytes(false);
-        if let Ok(true) = fastcgi::reject_overloaded(&mut stream, &busy, deadline) {
+        let busy = || self.relay.overloaded().to_cgi_bytes(false);
+        if let Ok(true) = fastcgi::reject_overloaded(&mut stream, busy, deadline) {
             linger(stream);
         }
     }
@@ -307,7 +307,81 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
     use super::*;
+    use crate::config::Config;
+    use crate::fastcgi::{RecordType, Role, encode_record, parse_header};
+
+    fn relay() -> Arc<Relay> {
+        let mut config = Config::from_lookup(|_| None).unwrap();
+        config.state_dir = None;
+        Arc::new(Relay::new(config).unwrap())
+    }
+
+    fn begin_request(id: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        let body = fastcgi::begin_request_body(Role::Responder.into(), false);
+        encode_record(RecordType::BeginRequest, id, &body, &mut out);
+        out
+    }
+
+    /// (type, id, content) of each record in `bytes`.
+    fn records(mut bytes: &[u8]) -> Vec<(u8, u16, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let Some((raw, rest)) = bytes.split_first_chunk::<8>() {
+            let h = parse_header(raw).unwrap();
+            let (content, rest) = rest.split_at(h.body_len());
+            out.push((
+                h.kind,
+                h.request_id,
+                content[..usize::from(h.content_length)].to_vec(),
+            ));
+            bytes = rest;
+        }
+        out
+    }
+
+    #[test]
+    fn past_the_cap_connections_are_turned_away_each_on_its_own() {
+        let limits = Limits {
+            max_conns: 1,
+            ..Limits::default()
+        };
+        let status = Arc::new(Status::default());
+        let pool = Pool::new(relay(), limits, status.clone());
+        // A silent connection takes the only thread, and another waits
+        // past the cap without a word.
+        let (_holder, held) = UnixStream::pair().unwrap();
+        pool.dispatch(Stream::Unix(held));
+        let (mut silent, quiet) = UnixStream::pair().unwrap();
+        pool.dispatch(Stream::Unix(quiet));
+        // A real request behind them is answered "overloaded" all the same.
+        let (mut client, server_end) = UnixStream::pair().unwrap();
+        pool.dispatch(Stream::Unix(server_end));
+        client.write_all(&begin_request(7)).unwrap();
+        // The rest of the request is never read, so the end may come as a
+        // reset, after the answer.
+        let mut answer = Vec::new();
+        let _ = client.read_to_end(&mut answer);
+        let recs = records(&answer);
+        let stdout: Vec<u8> = recs
+            .iter()
+            .filter(|r| r.0 == RecordType::Stdout as u8)
+            .flat_map(|r| r.2.clone())
+            .collect();
+        assert!(stdout.starts_with(b"Status: 503 "), "{recs:?}");
+        let end = recs.last().unwrap();
+        assert_eq!((end.0, end.1), (RecordType::EndRequest as u8, 7));
+        assert_eq!(end.2[4], fastcgi::ProtocolStatus::Overloaded as u8);
+        // The silent one is closed unanswered once its time is up.
+        let mut rest = Vec::new();
+        silent.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        assert_eq!(status.in_flight(), 0);
+        assert_eq!(status.served(), 0);
+    }
 
     #[test]
     fn registrations_count_in_and_out() {
