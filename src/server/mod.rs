@@ -27,7 +27,7 @@ use crate::http::{Request, Response};
 use crate::limits::Limits;
 use crate::net::{Listener, Stream};
 use crate::relay::Relay;
-use pool::{Counter, Pool};
+use pool::{Counter, Pool, lock};
 use stop::StopSignal;
 
 /// What the server is doing, for whoever reports on it (a log line, a
@@ -154,9 +154,4 @@ pub fn serve_pool(
     pool.finish(limits.stop_grace);
     info!("stopped");
     Ok(())
-}
-
-/// Takes a lock even if a thread panicked while holding it.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -299,9 +299,10 @@ fn linger(mut stream: Stream) {
     }
 }
 
-/// Takes a lock even if a thread panicked while holding it: the state is
-/// counters and a queue, always left consistent.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Takes a lock even if a thread panicked while holding it: what the
+/// server locks (counters, a queue, the current connection) is always left
+/// consistent.
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
