@@ -39,13 +39,13 @@ Settings (environment):
   REGISTER_REPLAY_TTL    seconds a code's answer is replayed      [600]
   REGISTER_STATE_DIR     replay store directory, or off           [$TMPDIR/tourney-register-UID]
   REGISTER_MAX_CONNS     --listen connection cap                  [256]
-  REGISTER_FCGI_TIMEOUT  seconds a web server may take per request or idle wait [30]
+  REGISTER_FCGI_TIMEOUT  seconds per request or idle connection   [30]
   RUST_LOG               log filter (stderr)                      [info]
 ";
 
 fn main() -> ExitCode {
     match run(std::env::args().skip(1)) {
-        Ok(code) => code,
+        Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             match &failure {
                 Failure::Usage(_) => eprintln!("tourney-register: {failure}\n\n{USAGE}"),
@@ -99,36 +99,50 @@ enum Mode {
 enum Transport {
     /// One request from the environment.
     Cgi,
-    /// FastCGI on a listening socket handed over (fd 0), one connection
-    /// at a time.
+    /// FastCGI connections.
+    FastCgi(Socket),
+}
+
+/// Where FastCGI connections come from.
+enum Socket {
+    /// A listening socket handed over as fd 0 (mod_fcgid, spawn-fcgi):
+    /// one connection at a time.
     Inherited(Listener),
-    /// FastCGI on an address to bind, many connections at once.
+    /// An address to bind (`--listen`): many connections at once.
     Listen(String),
 }
 
-fn run(args: impl Iterator<Item = String>) -> Result<ExitCode, Failure> {
+/// The whole program; every way it stops short is a [`Failure`].
+fn run(args: impl Iterator<Item = String>) -> Result<(), Failure> {
     let Some(mode) = parse_args(args).map_err(Failure::Usage)? else {
-        return Ok(ExitCode::SUCCESS);
+        return Ok(());
     };
     init_logging();
     let transport = match mode {
-        Mode::Listen(addr) => Transport::Listen(addr),
-        Mode::Auto => Listener::from_stdin().map_or(Transport::Cgi, Transport::Inherited),
+        Mode::Listen(addr) => Transport::FastCgi(Socket::Listen(addr)),
+        Mode::Auto => match Listener::from_stdin() {
+            Some(listener) => Transport::FastCgi(Socket::Inherited(listener)),
+            None => Transport::Cgi,
+        },
     };
     let started = Instant::now();
     let relay = Config::from_env()
         .map_err(|e| e.to_string())
         .and_then(|c| Relay::new(c).map_err(|e| e.to_string()));
-    if let Transport::Cgi = transport {
-        run_cgi(relay, started);
-        return Ok(ExitCode::SUCCESS);
-    }
+    let socket = match transport {
+        Transport::Cgi => {
+            run_cgi(relay, started);
+            return Ok(());
+        }
+        Transport::FastCgi(socket) => socket,
+    };
+    // A bad setting stops the start, before anything is bound.
     let relay = relay.map_err(Failure::Start)?;
     let limits = Limits::from_config(relay.config());
     let status = Arc::new(Status::default());
-    match transport {
-        Transport::Inherited(listener) => server::serve_serial(&relay, listener, &limits, status),
-        Transport::Listen(addr) => {
+    match socket {
+        Socket::Inherited(listener) => server::serve_serial(&relay, listener, &limits, status),
+        Socket::Listen(addr) => {
             let listener =
                 Listener::bind(&addr).map_err(|error| Failure::Listen { addr, error })?;
             // Few arenas: the pipeline allocates little, and each
@@ -136,10 +150,8 @@ fn run(args: impl Iterator<Item = String>) -> Result<ExitCode, Failure> {
             sys::limit_malloc_arenas(2);
             server::serve_pool(Arc::new(relay), listener, &limits, status)
         }
-        Transport::Cgi => Ok(()),
     }
-    .map_err(Failure::Serve)?;
-    Ok(ExitCode::SUCCESS)
+    .map_err(Failure::Serve)
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Mode>, String> {
