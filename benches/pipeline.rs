@@ -165,13 +165,7 @@ fn exchange(c: &mut Criterion) {
 
 /// CPU time used so far by the calling thread.
 fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-pointer; the clock id is supported on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    tourney_register::sys::thread_cpu_time()
 }
 
 criterion_group!(benches, pipeline, store, exchange);

@@ -25,7 +25,6 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,8 +124,10 @@ fn main() {
     };
     // A burst of relays connecting at once must not overflow std's
     // default backlog; listen() again on a listening socket resizes it.
-    // SAFETY: a valid listening socket.
-    unsafe { libc::listen(listener.fd(), 4096) };
+    let _ = match &listener {
+        Listener::Tcp(l) => tourney_register::sys::relisten(l, 4096),
+        Listener::Unix(l) => tourney_register::sys::relisten(l, 4096),
+    };
     let local = match (&listener, &args.unix) {
         (Listener::Tcp(l), _) => l.local_addr().unwrap_or(args.addr).to_string(),
         (Listener::Unix(_), Some(path)) => format!("unix:{}", path.display()),
@@ -204,13 +205,6 @@ enum Listener {
 }
 
 impl Listener {
-    fn fd(&self) -> std::os::fd::RawFd {
-        match self {
-            Listener::Tcp(l) => l.as_raw_fd(),
-            Listener::Unix(l) => l.as_raw_fd(),
-        }
-    }
-
     fn accept(&self) -> io::Result<Conn> {
         match self {
             Listener::Tcp(l) => l.accept().map(|(s, _)| {

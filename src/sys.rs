@@ -201,6 +201,17 @@ pub fn limit_malloc_arenas(arenas: i32) {
     unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
 }
 
+/// CPU time the calling thread has used so far (user and kernel).
+pub fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; the clock id is supported on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Calls `listen(2)` again on a listening socket, which resizes its
 /// accept queue.
 pub fn relisten(socket: &impl AsFd, backlog: i32) -> io::Result<()> {
