@@ -77,6 +77,50 @@ fn pipeline(c: &mut Criterion) {
     }
 }
 
+/// One request through the FastCGI layer in memory: records parsed by
+/// the connection state machine, a fixed answer encoded back, by the
+/// blocking driver over an in-memory stream.
+fn fastcgi_connection(c: &mut Criterion) {
+    use tourney_register::fastcgi::{
+        Duplex, RecordType, Role, begin_request_body, encode_pair, encode_record, encode_stream,
+        serve_connection,
+    };
+    use tourney_register::http::Response;
+    use tourney_register::limits::Limits;
+
+    let req = request();
+    let mut params = Vec::new();
+    for (name, value) in [
+        (&b"REQUEST_METHOD"[..], &b"GET"[..]),
+        (b"QUERY_STRING", &req.query),
+        (
+            b"HTTP_USER_AGENT",
+            b"Mozilla/5.0 (Linux; Android 14) Discord",
+        ),
+    ] {
+        encode_pair(name, value, &mut params);
+    }
+    let mut input = Vec::new();
+    let begin = begin_request_body(Role::Responder.into(), false);
+    encode_record(RecordType::BeginRequest, 1, &begin, &mut input);
+    encode_stream(RecordType::Params, 1, &params, &mut input);
+    encode_record(RecordType::Stdin, 1, &[], &mut input);
+    let answer = Response {
+        status: 200,
+        headers: vec![("Content-Type", "text/html; charset=utf-8".into())],
+        body: vec![b'x'; 4000],
+    };
+    let handler = |_: &Request| answer.clone();
+    let limits = Limits::default();
+    c.bench_function("fastcgi request in memory", |b| {
+        b.iter(|| {
+            let mut stream = Duplex::new(black_box(input.clone()));
+            let _ = serve_connection(&mut stream, &handler, &limits);
+            stream.output
+        })
+    });
+}
+
 /// The replay store's first delivery of a code (lock, look up, save the
 /// answer), with the bot answering in process. The directory is under
 /// target/, on the same file system as a real store would be, since the
@@ -168,5 +212,5 @@ fn thread_cpu() -> Duration {
     tourney_register::sys::thread_cpu_time()
 }
 
-criterion_group!(benches, pipeline, store, exchange);
+criterion_group!(benches, pipeline, fastcgi_connection, store, exchange);
 criterion_main!(benches);
