@@ -231,6 +231,79 @@ fn record() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
+/// A record that begins no request: management records (id 0) of any
+/// type, and records other than BEGIN_REQUEST for ids that never began.
+fn stray() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        pairs_bytes().prop_map(|query| {
+            let mut out = Vec::new();
+            fastcgi::encode_record(GET_VALUES, 0, &query, &mut out);
+            out
+        }),
+        (
+            any::<u8>().prop_filter("not BEGIN_REQUEST", |k| *k != BEGIN_REQUEST),
+            0u16..4,
+            prop::collection::vec(any::<u8>(), 0..24)
+        )
+            .prop_map(|(kind, id, content)| {
+                let mut out = Vec::new();
+                fastcgi::encode_record(kind, id, &content, &mut out);
+                out
+            }),
+    ]
+}
+
+/// Feeds `input` in chunks (sizes cycled) after gaps (cycled, in ms),
+/// answering every request at once, and checks that no wait the
+/// connection asks for ends later than the idle and request limits
+/// allow after the last progress (accept, or an answer). Returns how
+/// many requests it served.
+fn paced(input: &[u8], chunks: &[usize], gaps_ms: &[u64]) -> Result<usize, TestCaseError> {
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(3),
+        ..Limits::default()
+    };
+    let mut now = Instant::now();
+    let mut conn = Connection::new(limits, now);
+    let mut progress = now;
+    let mut served = 0;
+    let mut rest = input;
+    let mut sizes = chunks.iter().copied().cycle();
+    let mut gaps = gaps_ms.iter().copied().cycle();
+    loop {
+        match conn.next(now) {
+            Step::Read { deadline } => {
+                prop_assert!(deadline > now);
+                prop_assert!(
+                    deadline <= progress + limits.idle_timeout + limits.request_timeout,
+                    "waits {:?} past its last progress",
+                    deadline - progress
+                );
+                // The next bytes come after a gap, unless the deadline
+                // passes first.
+                let at = now + Duration::from_millis(gaps.next().unwrap_or(0));
+                if at >= deadline {
+                    now = deadline;
+                    continue;
+                }
+                now = at;
+                let n = sizes.next().unwrap_or(1).min(rest.len());
+                let (chunk, after) = rest.split_at(n);
+                conn.feed(chunk, now);
+                rest = after;
+            }
+            Step::Request(req) => {
+                served += 1;
+                conn.respond(&answer(&req).to_cgi_bytes(req.is_head()), now);
+                progress = now;
+            }
+            Step::Close(_) => return Ok(served),
+        }
+        conn.clear_output();
+    }
+}
+
 /// Stray records mixed with whole requests, so the handler is reached
 /// from every state the strays leave behind.
 fn records() -> impl Strategy<Value = Vec<u8>> {
@@ -355,6 +428,32 @@ proptest! {
         prop_assert!(trickled.result.is_ok());
         prop_assert_eq!(trickled.calls, n);
         prop_assert_eq!(trickled.output, whole.output);
+    }
+
+    /// However the bytes are paced, the connection never waits longer
+    /// than the idle limit for a request to begin plus the request limit
+    /// for it to end, counted from accept or from its last answer.
+    #[test]
+    fn deadlines_bound_every_wait(
+        input in records(),
+        chunks in prop::collection::vec(1usize..200, 1..4),
+        gaps_ms in prop::collection::vec(0u64..6_000, 1..6),
+    ) {
+        paced(&input, &chunks, &gaps_ms)?;
+    }
+
+    /// Management records and records for request ids that never began,
+    /// however many and however paced, buy no time: such a peer is gone
+    /// within the same bound.
+    #[test]
+    fn strays_buy_no_time(
+        strays in prop::collection::vec(stray(), 1..40),
+        chunks in prop::collection::vec(1usize..200, 1..4),
+        gaps_ms in prop::collection::vec(0u64..3_000, 1..6),
+    ) {
+        let input = strays.concat();
+        let served = paced(&input, &chunks, &gaps_ms)?;
+        prop_assert_eq!(served, 0);
     }
 
     /// The blocking driver over an in-memory stream, however the bytes
