@@ -35,8 +35,10 @@ class Bench:
             # Left by an interrupted run (a finished one removes its stores).
             shutil.rmtree(self.rundir)
         (self.rundir / "bin").mkdir(parents=True)
-        self.rundir.chmod(0o755)
-        (self.rundir / "bin").chmod(0o755)
+        # Apache's children (www-data) run the snapshot below: every
+        # directory on the way must be theirs to traverse, whatever the umask.
+        for d in (self.out_dir, self.rundir, self.rundir / "bin"):
+            d.chmod(0o755)
         # Snapshots: a rebuild by someone else mid-run changes nothing here.
         self.relay_bin = self.rundir / "bin" / "tourney-register"
         self.bot_bin = self.rundir / "bin" / "bench_bot"

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import INSTANCE, die, read, run, size, tail_from
+from .common import INSTANCE, die, read, size, tail_from
 
 # A realistic osu! code (about 1 KB, as Passport issues them) and Fernet state.
 CODE_PAD = ("def50200" + "0123456789abcdef" * 60)[:960]
@@ -125,8 +125,10 @@ class Apache:
     def start(self):
         if self.relay_env:
             self.start_backend()
-        out = run([sys.executable, str(INSTANCE), "start", str(self.dir), *self.args],
-                  capture_output=True, text=True, timeout=120)
+        out = subprocess.run([sys.executable, str(INSTANCE), "start", str(self.dir), *self.args],
+                             capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            die(f"apache-instance start {self.dir} failed ({out.returncode}):\n{out.stderr}")
         self.pid = int(out.stdout.strip().splitlines()[-1])
         Apache.live.add(self)
         return self
