@@ -9,10 +9,6 @@
 //! fallback. If apache2 or its modules are missing, every test fails with
 //! the install command: none of them passes by skipping.
 
-#[path = "support/apache.rs"]
-mod apache;
-mod support;
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -20,8 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use apache::{Apache, HttpResponse, Mode};
-use support::{Bot, ListenServer, RefusingPort, TempDir, fingerprint};
+use crate::support::apache::{self, Apache, HttpResponse, Mode};
+use crate::support::{self, Bot, ListenServer, RefusingPort, TempDir, fingerprint};
 
 const APPROVED_HTML: &str = "You&#x27;re registered, welcome to the tournament!";
 const REFUSED_HTML: &str = "You&#x27;re already signed up!";
@@ -213,6 +209,17 @@ impl Site {
             !self.secrets.is_empty(),
             "no secrets recorded: the check would be empty"
         );
+        // The access log must show the requests, or its share of the
+        // check below would be empty (Apache writes it after answering).
+        assert!(
+            support::wait_until(Duration::from_secs(30), || self
+                .apache
+                .access_log()
+                .contains("/register")),
+            "[{}] no /register request in the access log:\n{}",
+            self.mode().name(),
+            self.apache.access_log()
+        );
         let mut files = self.apache.files();
         if let Some(relay) = &self.relay {
             files.extend(apache::files_under(relay.dir()));
@@ -229,7 +236,7 @@ impl Site {
             for (path, bytes) in &files {
                 for needle in &needles {
                     assert!(
-                        apache::find(bytes, needle.as_bytes()).is_none(),
+                        support::find(bytes, needle.as_bytes()).is_none(),
                         "[{}] {} contains {:?}... ({} bytes of a code or state)",
                         self.mode().name(),
                         path.display(),

@@ -5,10 +5,6 @@
 //! would: the bot's message is on screen and the page does not scroll
 //! sideways. Screenshots are kept under target/screenshots/.
 
-#[path = "support/apache.rs"]
-mod apache;
-mod support;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -16,9 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use apache::{Apache, Mode};
+use crate::support::apache::{self, Apache, Mode};
+use crate::support::{Bot, TempDir, free_port};
 use serde_json::{Value, json};
-use support::{Bot, TempDir, free_port};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";

@@ -8,14 +8,12 @@
 //! each other's answers and the log check for "never the code or the state"
 //! means something.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 /// What a Fernet token from the bot looks like (urlsafe base64, `=` padded).
 const FERNET_BODY: &str = "gAAAAABnQ2x5c3RhdGVfZm9yX3RvdXJuZXlfcmVnaXN0ZXJfdGVzdHM";

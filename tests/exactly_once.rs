@@ -1,4 +1,4 @@
-//! Exactly-once delivery of each code (issue 4): a repeat of a code within
+//! Exactly-once delivery of each code: a repeat of a code within
 //! `REGISTER_REPLAY_TTL` gets the first answer and never reaches the bot
 //! again, whether it comes later or at the same time, from the same process
 //! or another one sharing `REGISTER_STATE_DIR`; a failed delivery is not
@@ -8,8 +8,6 @@
 //! Every run gets a fresh store (`REGISTER_STATE_DIR` in a [`TempDir`]):
 //! the default store is shared by every run on the machine.
 
-mod support;
-
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -17,7 +15,7 @@ use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 /// The 504 page's message.
 const TIMED_OUT: &str = "Your sign-up may or may not have gone through.";

@@ -7,15 +7,13 @@
 //! Every server gets its own replay store (`REGISTER_STATE_DIR` in a fresh
 //! temp dir) and every request its own long random-looking code.
 
-mod support;
-
 use std::io::Write;
 use std::net::{Shutdown, TcpListener};
 use std::ops::{Deref, DerefMut};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 /// How long a server may take to close a connection it should drop.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);

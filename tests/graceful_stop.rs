@@ -1,4 +1,4 @@
-//! Graceful stop and the FastCGI-side bounds (issue 4): SIGTERM lets a
+//! Graceful stop and the FastCGI-side bounds: SIGTERM lets a
 //! request the bot already has finish and then exits 0, refusing new work;
 //! a stalled web server cannot pin a connection; `--listen` answers past its
 //! connection cap with "overloaded"; oversized params or bodies get a 400
@@ -6,15 +6,13 @@
 //!
 //! Every server gets a fresh store (`REGISTER_STATE_DIR` in a [`TempDir`]).
 
-mod support;
-
 use std::io::Write;
 use std::path::Path;
 use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 const STATE_Q: &str = "gAAAAABnStopState%3D";
 

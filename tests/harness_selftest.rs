@@ -1,15 +1,16 @@
-//! Checks the test harness itself, without the binary under test: the Python
-//! bot peer, and the FastCGI / CGI / JSON helpers in `support`.
-
-mod support;
+//! Checks the test harness itself: the Python bot peer, the FastCGI / CGI /
+//! JSON and server helpers in `support`, and that every suite in `tests/` is
+//! compiled into the test binary. Only the server helpers' test starts the
+//! binary under test, as it has nothing else to drive.
 
 use std::io::{Cursor, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 /// Sends `msg` the way the relay does (write, half-close) and reads to EOF.
 fn exchange_tcp(addr: &str, msg: &[u8]) -> Vec<u8> {
@@ -354,6 +355,20 @@ fn closed_port_refuses() {
     assert!(TcpStream::connect(addr).is_err());
 }
 
+/// SIGKILL, as a crashed cog: the process is gone and its port refuses.
+#[test]
+fn a_killed_bot_is_gone_and_refuses() {
+    let mut bot = Bot::start("json", "approve");
+    let proc_dir = PathBuf::from(format!("/proc/{}", bot.pid()));
+    assert!(proc_dir.exists(), "{} missing", proc_dir.display());
+    bot.kill();
+    assert!(!proc_dir.exists(), "{} still there", proc_dir.display());
+    assert!(
+        TcpStream::connect(bot.addr()).is_err(),
+        "a killed bot accepts"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // FastCGI client
 // ---------------------------------------------------------------------------
@@ -482,6 +497,13 @@ fn request_bytes_are_what_a_web_server_sends() {
 
     let no_keep = request_bytes(1, &as_pairs(&params), b"", false);
     assert_eq!(no_keep[8..16], begin_request_body(FCGI_RESPONDER, 0));
+
+    // The other roles of the spec, for requests the relay must refuse.
+    assert_eq!(
+        begin_request_body(FCGI_AUTHORIZER, 0),
+        [0, 2, 0, 0, 0, 0, 0, 0]
+    );
+    assert_eq!(begin_request_body(FCGI_FILTER, 0), [0, 3, 0, 0, 0, 0, 0, 0]);
 }
 
 #[test]
@@ -625,6 +647,54 @@ fn get_values_client() {
 // CGI output and JSON parsing
 // ---------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------
+// Server helpers
+// ---------------------------------------------------------------------------
+
+/// A client connection against a listener of the test's own: a clone
+/// writes on the same connection, and `closed_within` sees the peer go.
+#[test]
+fn conn_clones_share_the_connection() {
+    let dir = TempDir::new("conn");
+    let path = dir.join("s.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let endpoint = Endpoint::Unix(path.clone());
+    assert_eq!(endpoint.spec(), format!("unix:{}", path.display()));
+    let conn = endpoint.connect().unwrap();
+    let (mut peer, _) = listener.accept().unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut clone = conn.try_clone().unwrap();
+    clone.write_all(b"through the clone").unwrap();
+    conn.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    peer.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"through the clone");
+    drop(peer);
+    assert!(clone.closed_within(Duration::from_secs(10)));
+}
+
+/// The server helpers on the binary itself: its `listening on` line, the
+/// process behind `pid`, and `kill` leaving nothing that accepts.
+#[test]
+fn listen_server_helpers_drive_the_binary() {
+    let mut server = ListenServer::start_unix(&[("REGISTER_STATE_DIR", "off")]);
+    assert!(
+        server.wait_stderr_contains("listening on", SERVER_START_TIMEOUT),
+        "{}",
+        server.stderr_text()
+    );
+    let exe = std::fs::read_link(format!("/proc/{}/exe", server.pid())).unwrap();
+    assert_eq!(exe.canonicalize().unwrap(), bin().canonicalize().unwrap());
+    server.kill();
+    assert!(server.try_wait().is_some(), "not reaped after kill");
+    assert!(server.try_connect().is_err(), "a killed server accepts");
+}
+
+// ---------------------------------------------------------------------------
+// CGI output and JSON
+// ---------------------------------------------------------------------------
+
 #[test]
 fn cgi_output_parsing() {
     let http = parse_cgi(b"Status: 502 Bad Gateway\r\nContent-Type: text/html; charset=utf-8\r\nX-A: 1\r\nx-a: 2\r\n\r\n<p>\xff</p>");
@@ -674,7 +744,7 @@ fn json_parsing() {
         Some(-2500.0)
     );
     assert_eq!(j.get("b").and_then(Json::as_str), Some("x\"\\/\nA😀"));
-    assert_eq!(j.get("c"), Some(&Json::Obj(Vec::new())));
+    assert_eq!(j.get("c"), Some(&serde_json::json!({})));
     for bad in [
         "",
         "{",
@@ -687,4 +757,57 @@ fn json_parsing() {
     ] {
         assert!(parse_json(bad).is_err(), "{bad:?}");
     }
+}
+
+/// Every `tests/*.rs` file is a module of `tests/tests.rs`: with
+/// `autotests = false`, a suite without its `mod` line would never be
+/// compiled, and its tests would be lost without a word.
+#[test]
+fn every_suite_is_compiled() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let root = std::fs::read_to_string(dir.join("tests.rs")).expect("reading tests/tests.rs");
+    let declared: Vec<&str> = root
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("mod ")?.strip_suffix(';'))
+        .collect();
+    let mut suites = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("reading tests/") {
+        let path = entry.expect("tests/ entry").path();
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        if path.extension().is_some_and(|e| e == "rs") && stem != "tests" {
+            suites.push(stem.to_string());
+        }
+    }
+    assert!(
+        suites.len() >= 9,
+        "found only {suites:?} in {}",
+        dir.display()
+    );
+    for suite in &suites {
+        assert!(
+            declared.contains(&suite.as_str()),
+            "tests/{suite}.rs has no `mod {suite};` line in tests/tests.rs: its tests never run"
+        );
+    }
+    assert!(declared.contains(&"support"), "{declared:?}");
+}
+
+/// The harness is written from the specs, never from `src/`: a bug in the
+/// crate's FastCGI or CGI code must not be able to hide behind the same bug
+/// in the client that tests it.
+#[test]
+fn the_harness_does_not_use_the_crate() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support");
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).expect("reading tests/support") {
+        let path = entry.expect("tests/support entry").path();
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            !text.contains("tourney_register"),
+            "{} uses the crate under test",
+            path.display()
+        );
+        files += 1;
+    }
+    assert!(files >= 10, "only {files} files in {}", dir.display());
 }

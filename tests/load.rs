@@ -1,4 +1,4 @@
-//! Bounded load test on loopback (issue 4): 2,000 requests with distinct
+//! Bounded load test on loopback: 2,000 requests with distinct
 //! codes over 50 kept FastCGI connections (`FCGI_KEEP_CONN`, 40 requests
 //! one after another on each, as mod_proxy_fcgi with connection reuse
 //! sends them) through `--listen`, against a bot that takes 100 ms per
@@ -9,14 +9,12 @@
 //! so 50 exchanges in flight cost it 100 ms, not 5 s: the floor for the
 //! run is 40 × 100 ms = 4 s.
 
-mod support;
-
 use std::collections::{BTreeMap, HashSet};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 const CONNS: usize = 50;
 const PER_CONN: usize = 40;

@@ -8,13 +8,11 @@
 //! - Idle connections past the `--listen` connection cap do not queue a
 //!   real request behind them: it is answered at once.
 
-mod support;
-
 use std::io::Write;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 /// REGISTER_FCGI_TIMEOUT in these tests, in seconds.
 const TIMEOUT_SECS: u64 = 2;

@@ -1,23 +1,24 @@
 //! A private Apache for end-to-end tests, and a small HTTP/1.1 client.
 //!
-//! Std only. Usable as `#[path = "support/apache.rs"] mod apache;` from a
-//! test file or as `support::apache`. The configuration comes from
+//! Std only. The configuration comes from
 //! `scripts/apache-instance` (which `Include`s the deployable files in
 //! `apache/` verbatim); Apache runs in the foreground in its own process
 //! group, and [`Apache`]'s drop stops it (SIGTERM, bounded wait, then
 //! SIGKILL to the whole group), also when the test panics.
 
-#![allow(dead_code)]
-
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use super::cgi::find;
+use super::ports::free_port;
+use super::process::read_text;
 
 /// How long Apache may take to answer its first request.
 pub const APACHE_START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -101,17 +102,6 @@ fn fresh_dir(tag: &str) -> PathBuf {
             Err(e) => panic!("cannot create {}: {e}", path.display()),
         }
     }
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
-    listener.local_addr().expect("local_addr").port()
-}
-
-fn read_lossy(path: &Path) -> String {
-    fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
 }
 
 /// A running private Apache on 127.0.0.1; stopped on drop.
@@ -236,25 +226,11 @@ impl Apache {
     }
 
     pub fn error_log(&self) -> String {
-        read_lossy(&self.dir.join("logs/error.log"))
+        read_text(&self.dir.join("logs/error.log"))
     }
 
     pub fn access_log(&self) -> String {
-        read_lossy(&self.dir.join("logs/access.log"))
-    }
-
-    /// Waits (bounded) until the error log contains `needle`.
-    pub fn wait_error_log(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.error_log().contains(needle) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            thread::sleep(POLL);
-        }
+        read_text(&self.dir.join("logs/access.log"))
     }
 
     /// Every regular file under the instance directory with its bytes
@@ -317,7 +293,7 @@ impl Apache {
             "--- {}/logs/error.log (tail) ---\n{}\n--- apache2.out ---\n{}",
             self.dir.display(),
             tail(self.error_log()),
-            tail(read_lossy(&self.dir.join("apache2.out")))
+            tail(read_text(&self.dir.join("apache2.out")))
         )
     }
 
@@ -443,11 +419,6 @@ impl HttpResponse {
 
 fn bad(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
-}
-
-/// Where `needle` first stands in `haystack`.
-pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Decodes a complete `Transfer-Encoding: chunked` body (trailers ignored).

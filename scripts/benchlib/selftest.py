@@ -1,0 +1,67 @@
+"""`scripts/bench --self-test`: the targets table, the report and the check
+at start, exercised with made-up figures for every load and result, so a
+target that can no longer find its load fails here rather than vanishing
+from a real run's report."""
+
+import datetime
+from types import SimpleNamespace
+
+from . import targets
+from .phases import PARTS, Phase
+from .report import report
+
+
+def _load(phase):
+    wrk = {"requests": 3000, "duration_us": 3_000_000, "status": 0, "connect": 0, "read": 0,
+           "write": 0, "timeout": 0, "socket_errors": 0, "ok": 3000, "rps": 1000.0,
+           "p50_us": 2000, "p90_us": 3000, "p99_us": 4000, "max_us": 9000, "cpu_ns": 10**9}
+    record = {"name": phase.value, "conns": 16, "delay_ms": 0, "wrk": wrk, "served_ok": 3000,
+              "cpu_us_per_req": {"relay": 90.0, "apache": 100.0, "wrk": 30.0},
+              "relay_procs": 1, "other_cpu_share": 0.01, "time_wait_before": 0,
+              "time_wait_after": 3000}
+    if phase != Phase.STATIC:
+        record["cpu_us_per_req"]["bot"] = 20.0
+        record["bot"] = {"received": 3000, "distinct": 3000, "duplicates": 0, "malformed": 0}
+        record["relay_outcomes"] = {"approved": 3000}
+        record["codes_ok"] = True
+    return record
+
+
+def made_up_run():
+    """A bench as a run of every part would leave it, with plausible figures."""
+    args = SimpleNamespace(threads=2, duration=3, state_dir=None, delay_ms=300, burst_conns=200,
+                           only=set(PARTS))
+    rss = {"max_kib": 3000, "median_kib": 2900, "count": 4}
+    results = {
+        "page_bytes": 1837,
+        "fcgid_rss": {"instant": rss, "burst": rss},
+        "proxy_rss": {"instant": rss, "burst": rss},
+        "cgi": {"runs": 100, "true": {"median_us": 400, "p90_us": 500},
+                "cgi": {"median_us": 700, "p90_us": 900}},
+        "spawn": {"runs": 2, "static_first_ms": 1.0, "spawn_first_ms": 3.0, "second_ms": 1.0},
+    }
+    return SimpleNamespace(args=args, phases={p: _load(p) for p in Phase}, results=results,
+                           checks=[("made up", True, "every code once")])
+
+
+def run(_args):
+    """Problems found; empty when the targets, the loads and the report agree."""
+    problems = []
+    bench = made_up_run()
+    info = {"nproc": 2, "cpu": "?", "mem_gib": 1, "kernel": "?", "apache": "?", "mod_fcgid": "?"}
+    started = datetime.datetime.now(datetime.timezone.utc)
+    text, rows = report(bench, info, ["0"] * 3, ["0"] * 3, started, 1.0)
+    if len(rows) != len(targets.TARGETS):
+        problems.append(f"{len(targets.TARGETS)} targets, but a run of every part reports {len(rows)}")
+    for name, figure, _ in rows:
+        if f"| {name} | {figure} |" not in text:
+            problems.append(f"target {name!r} is missing from the report")
+    for phase in Phase:
+        if f"| {phase.value} |" not in text:
+            problems.append(f"load {phase.value!r} is missing from the report")
+    # The check itself: a load that leaves its part must be noticed.
+    gone = Phase.PROXY_BURST_COLD
+    parts = {k: (tuple(p for p in v[0] if p != gone), v[1]) for k, v in PARTS.items()}
+    if not any(gone.value in problem for problem in targets.check(parts=parts)):
+        problems.append(f"targets.check did not notice {gone.value!r} leaving every part")
+    return problems

@@ -1,0 +1,280 @@
+"""The processes a load runs against: the bench bot, a private Apache (with
+the relay under mod_fcgid or --listen behind mod_proxy_fcgi), and wrk."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .common import INSTANCE, die, read, size, tail_from
+
+# A realistic osu! code (about 1 KB, as Passport issues them) and Fernet state.
+CODE_PAD = ("def50200" + "0123456789abcdef" * 60)[:960]
+STATE = "gAAAAABnR2VhdGVzdF9zdGF0ZV9mb3JfYmVuY2htYXJraW5nX3B1cnBvc2VzX29ubHlfMDEyMzQ1Njc4OWFiY2RlZmdoaWprbG1ub3BxcnN0dXZ3eHl6%3D%3D"
+
+WRK_LUA = r"""
+-- Distinct codes: each wrk thread has an id and a counter.
+local threads = {}
+local counter = 0
+function setup(thread)
+  thread:set("tid", #threads + 1)
+  table.insert(threads, thread)
+end
+function init(args)
+  base = args[1] .. "?code=" .. args[2] .. "-" .. tid .. "-"
+  tail = "&state=" .. args[3]
+  -- "close": every request on a new connection, as each player's browser.
+  headers = {}
+  if args[4] == "close" then headers["Connection"] = "close" end
+end
+function request()
+  counter = counter + 1
+  return wrk.format("GET", base .. counter .. tail, headers)
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%d,"duration_us":%d,"bytes":%d,"connect":%d,"read":%d,"write":%d,' ..
+    '"status":%d,"timeout":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d,"mean_us":%.1f}\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write,
+    e.status, e.timeout, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.max, latency.mean))
+end
+"""
+
+
+class Bot:
+    live = set()
+
+    def __init__(self, binary, port, delay_ms, rundir, unix=None):
+        """A bench_bot on 127.0.0.1:port, or on the Unix socket `unix`."""
+        self.summary_path = rundir / f"bot-{port}-{delay_ms}-{time.monotonic_ns()}.json"
+        self.errlog = open(rundir / "bot.log", "ab")
+        where = ["--unix", str(unix)] if unix else ["--addr", f"127.0.0.1:{port}"]
+        self.proc = subprocess.Popen(
+            [str(binary), *where, "--delay-ms", str(delay_ms), "--summary", str(self.summary_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.errlog,
+        )
+        Bot.live.add(self)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if unix:
+                    with socket.socket(socket.AF_UNIX) as probe:
+                        probe.settimeout(0.2)
+                        probe.connect(str(unix))
+                    # Relays under mod_fcgid run as Apache's user.
+                    os.chmod(unix, 0o666)
+                else:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None:
+                    die(f"bench_bot exited ({self.proc.returncode}); see {rundir / 'bot.log'}")
+                time.sleep(0.02)
+        else:
+            die("bench_bot did not start listening")
+        # The probe connection above sent nothing: it is counted as malformed.
+        self.probes = 1
+
+    def stop(self):
+        Bot.live.discard(self)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            die("bench_bot did not stop on SIGTERM")
+        self.errlog.close()
+        summary = json.loads(read(self.summary_path) or "{}")
+        summary["malformed"] = summary.get("malformed", 0) - self.probes
+        return summary
+
+
+class Apache:
+    """One private Apache from scripts/apache-instance."""
+
+    live = set()
+
+    def __init__(self, d, port, mode, binary, bot_port, state, relay_env=None, bot_unix=None):
+        self.dir, self.port, self.mode = d, port, mode
+        self.binary, self.state, self.bot_unix = binary, state, bot_unix
+        self.bot_addr = f"unix:{bot_unix}" if bot_unix else f"127.0.0.1:{bot_port}"
+        self.args = [
+            "--port", str(port), "--mode", mode, "--bin", str(binary),
+            "--bot-addr", self.bot_addr,
+            "--state-dir", str(state),
+        ]
+        # apache-instance starts a --listen relay with only the REGISTER_*
+        # variables; with extra ones (--relay-env) the relay is started
+        # here and apache-instance is pointed at its socket.
+        self.relay_env = relay_env if mode == "proxy" else None
+        self.backend = None
+        if mode == "proxy" and not self.relay_env:
+            self.args.append("--backend-start")
+        elif mode == "proxy":
+            self.args += ["--backend", f"unix:{self.dir / 'run' / 'fcgi.sock'}"]
+        self.pid = None
+
+    def start(self):
+        if self.relay_env:
+            self.start_backend()
+        out = subprocess.run([sys.executable, str(INSTANCE), "start", str(self.dir), *self.args],
+                             capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            die(f"apache-instance start {self.dir} failed ({out.returncode}):\n{out.stderr}")
+        self.pid = int(out.stdout.strip().splitlines()[-1])
+        Apache.live.add(self)
+        return self
+
+    def start_backend(self):
+        for sub in ("run", "logs"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        sock = self.dir / "run" / "fcgi.sock"
+        relay_log = self.dir / "logs" / "relay.log"
+        env = {"PATH": "/usr/bin:/bin", "REGISTER_BOT_ADDR": self.bot_addr,
+               "REGISTER_STATE_DIR": str(self.state), **self.relay_env}
+        offset = size(relay_log)
+        with open(relay_log, "ab") as out:
+            self.backend = subprocess.Popen(
+                [str(self.binary), "--listen", f"unix:{sock}"], env=env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while "listening on" not in tail_from(relay_log, offset):
+            if self.backend.poll() is not None or time.monotonic() > deadline:
+                die(f"the --listen relay did not start:\n{tail_from(relay_log, offset)}")
+            time.sleep(0.05)
+        # Apache's children (www-data) connect to it.
+        os.chmod(sock, 0o666)
+
+    def stop(self):
+        Apache.live.discard(self)
+        subprocess.run([sys.executable, str(INSTANCE), "stop", str(self.dir)],
+                       capture_output=True, timeout=60)
+        self.pid = None
+        if self.backend:
+            self.backend.terminate()
+            try:
+                self.backend.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.backend.kill()
+                self.backend.wait()
+            self.backend = None
+
+    def relay_pid(self):
+        if self.mode != "proxy":
+            return None
+        if self.backend:
+            return self.backend.pid
+        try:
+            return int(read(self.dir / "run" / "relay.pid").strip())
+        except ValueError:
+            return None
+
+    def relay_exe(self):
+        # apache-instance may run a copy of the binary (DIR/bin) that
+        # Apache's user can reach; whichever it is, it is the one in the
+        # Define line of the generated configuration.
+        m = re.search(r'^Define TOURNEY_REGISTER_BIN "(.*)"$', read(self.dir / "httpd.conf"), re.M)
+        return Path(m.group(1)) if m else None
+
+    def relay_log(self):
+        return self.dir / "logs" / ("relay.log" if self.mode == "proxy" else "error.log")
+
+    def access_log(self):
+        return self.dir / "logs" / "access.log"
+
+
+RUN_TAG = f"{os.getpid():x}{int(time.time()) % 100000:x}"
+
+
+def wrk(url_path, prefix, conns, threads, duration, timeout, port, lua, rundir, close=False):
+    prefix = re.sub(r"[^A-Za-z0-9]+", "-", prefix)
+    out_path = rundir / f"wrk-{prefix}.out"
+    cmd = [
+        "wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", f"--timeout={timeout}s",
+        "--latency", "-s", str(lua), f"http://127.0.0.1:{port}/",
+        "--", url_path, CODE_PAD + RUN_TAG + "-" + prefix, STATE, "close" if close else "keep-alive",
+    ]
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + duration + timeout + 30
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                die(f"wrk did not finish in time: {cmd}")
+            time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = read(out_path)
+    m = re.search(r"^WRKJSON (\{.*\})$", text, re.M)
+    if proc.returncode != 0 or not m:
+        die(f"wrk failed ({proc.returncode}):\n{text}")
+    result = json.loads(m.group(1))
+    result["cpu_ns"] = int((usage.ru_utime + usage.ru_stime) * 1e9)
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    result["socket_errors"] = sum(result[k] for k in ("connect", "read", "write", "timeout"))
+    result["ok"] = result["requests"] - result["status"]
+    return result
+
+
+def settle(paths, limit=40.0, quiet=1.0):
+    """Waits until none of `paths` has grown for `quiet` seconds (requests
+    wrk left in flight at its deadline finishing), at most `limit`."""
+    deadline = time.monotonic() + limit
+    last = [size(p) for p in paths]
+    still_since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = [size(p) for p in paths]
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since >= quiet:
+            return True
+    return False
+
+
+ACCESS_RE = re.compile(r'"(\S+) (\S+) [^"]*" (\d{3}) ')
+
+
+def count_access(text, path_prefix):
+    ok = other = 0
+    for m in ACCESS_RE.finditer(text):
+        if not m.group(2).startswith(path_prefix):
+            continue
+        if m.group(3).startswith("2"):
+            ok += 1
+        else:
+            other += 1
+    return ok, other
+
+
+def count_outcomes(text):
+    counts = {}
+    for m in re.finditer(r"outcome=(\S+) status=", text):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
+
+
+def timed_get(port, path):
+    """Seconds from connect to the whole answer of one GET (Connection: close)."""
+    t = time.perf_counter()
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    dt = time.perf_counter() - t
+    if not data.startswith(b"HTTP/1.1 200"):
+        die(f"GET {path[:40]}...: {data[:80]!r}")
+    return dt
