@@ -155,9 +155,18 @@ pub fn exchange(config: &Config, state: &str, code: &str) -> Result<BotReply, Bo
 }
 
 fn talk(conn: &mut Stream, message: &[u8], deadline: Instant) -> Result<Vec<u8>, BotError> {
-    conn.set_write_timeout(remaining(deadline)?)
-        .map_err(io_error)?;
-    conn.write_all(message).map_err(io_error)?;
+    // A fresh socket's send buffer takes the message at once; only if it
+    // does not is the send bounded by the time left.
+    let sent = match sys::send_now(conn, message) {
+        Some(Ok(n)) => n,
+        Some(Err(e)) => return Err(io_error(e)),
+        None => 0,
+    };
+    if sent < message.len() {
+        conn.set_write_timeout(remaining(deadline)?)
+            .map_err(io_error)?;
+        conn.write_all(&message[sent..]).map_err(io_error)?;
+    }
     // The bot reads to EOF, so the half-close is what makes it answer.
     conn.shutdown_write().map_err(io_error)?;
     // Read straight into the reply, grown as needed: no 8 KiB buffer on
@@ -166,12 +175,26 @@ fn talk(conn: &mut Stream, message: &[u8], deadline: Instant) -> Result<Vec<u8>,
     let mut reply = vec![0u8; 512];
     let mut len = 0;
     loop {
-        conn.set_read_timeout(remaining(deadline)?)
-            .map_err(io_error)?;
         if len == reply.len() {
             reply.resize((len * 2).min(MAX_REPLY + 1), 0);
         }
-        let n = match conn.read(&mut reply[len..]) {
+        // After the first piece of the answer the rest (or the end of
+        // stream) is usually there already: take it without waiting, and
+        // bound a wait by the time left only when there is one.
+        let ready = if len > 0 {
+            sys::recv_now(conn, &mut reply[len..])
+        } else {
+            None
+        };
+        let n = match ready {
+            Some(r) => r,
+            None => {
+                conn.set_read_timeout(remaining(deadline)?)
+                    .map_err(io_error)?;
+                conn.read(&mut reply[len..])
+            }
+        };
+        let n = match n {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(io_error(e)),
@@ -246,15 +269,13 @@ fn retryable(e: &io::Error) -> bool {
     )
 }
 
+/// No `TCP_NODELAY`: the one write is followed by the half-close, which
+/// sends at once, so Nagle never holds anything back here.
 fn connect_tcp(addrs: &[SocketAddr], timeout: Duration) -> io::Result<TcpStream> {
     let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no address");
     for addr in addrs {
-        match TcpStream::connect_timeout(addr, timeout) {
-            Ok(s) => {
-                // One small write each way: Nagle would only add delay.
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
+        match sys::connect_tcp(addr, timeout) {
+            Ok(s) => return Ok(s),
             Err(e) => last = e,
         }
     }

@@ -90,6 +90,14 @@ impl TimedStream for Stream {
     fn set_write_timeout(&mut self, timeout: Duration) -> io::Result<()> {
         Stream::set_write_timeout(self, timeout)
     }
+
+    fn read_now(&mut self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        sys::recv_now(self, buf)
+    }
+
+    fn write_now(&mut self, buf: &[u8]) -> Option<io::Result<usize>> {
+        sys::send_now(self, buf)
+    }
 }
 
 impl Read for Stream {

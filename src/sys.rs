@@ -7,6 +7,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
@@ -145,6 +146,163 @@ pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
     let stream = UnixStream::from(owned);
     stream.set_nonblocking(false)?;
     Ok(stream)
+}
+
+/// Connects over TCP within `timeout` with a blocking `connect`: Linux
+/// bounds a blocking connect by `SO_SNDTIMEO`, so one option set on the
+/// fresh socket replaces std's non-blocking dance (two `ioctl`s, a `poll`
+/// and a `getsockopt`). The send timeout stays set for what follows.
+pub fn connect_tcp(addr: &SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let (family, storage, len) = sockaddr_of(addr);
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_timeout(fd, libc::SO_SNDTIMEO, timeout)?;
+    loop {
+        // SAFETY: storage holds a valid sockaddr of length len; fd is open.
+        let rc = unsafe { libc::connect(fd, (&raw const storage).cast::<libc::sockaddr>(), len) };
+        if rc == 0 {
+            return Ok(TcpStream::from(owned));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            // The send timeout ran out (connect(2): EINPROGRESS on a
+            // blocking socket with a timeout).
+            Some(libc::EINPROGRESS) | Some(libc::EAGAIN) => {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            // A signal: the connection goes on in the background; wait
+            // for it the way a non-blocking connect does.
+            Some(libc::EINTR) => {
+                let mut fds = [pollfd(&owned, libc::POLLOUT)];
+                if poll(&mut fds, Some(timeout))? == 0 {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                return match int_sockopt(fd, libc::SO_ERROR) {
+                    None => Err(io::Error::last_os_error()),
+                    Some(0) => Ok(TcpStream::from(owned)),
+                    Some(e) => Err(io::Error::from_raw_os_error(e)),
+                };
+            }
+            _ => return Err(err),
+        }
+    }
+}
+
+fn sockaddr_of(addr: &SocketAddr) -> (libc::c_int, libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is large and aligned enough for any
+            // sockaddr; a plain-data write.
+            unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in>(), sin) };
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            (libc::AF_INET, storage, len)
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above.
+            unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in6>(), sin6) };
+            let len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+            (libc::AF_INET6, storage, len)
+        }
+    }
+}
+
+/// Sets `SO_SNDTIMEO` or `SO_RCVTIMEO` (a zero duration would mean "no
+/// bound", so it is raised to 1 µs).
+fn set_timeout(fd: RawFd, opt: libc::c_int, timeout: Duration) -> io::Result<()> {
+    let timeout = timeout.max(Duration::from_micros(1));
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: a valid timeval of the given size; a bad fd only errors.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&raw const tv).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Reads what is there without waiting: `None` when nothing is (the
+/// caller then waits with a bound); `Some(Ok(0))` is end of stream.
+pub fn recv_now(socket: &impl AsRawFd, buf: &mut [u8]) -> Option<io::Result<usize>> {
+    // SAFETY: buf is a valid, exclusively borrowed buffer of buf.len() bytes.
+    let rc = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buf.as_mut_ptr().cast::<libc::c_void>(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    now_result(rc)
+}
+
+/// Writes what fits without waiting (no SIGPIPE): `None` when nothing
+/// fits.
+pub fn send_now(socket: &impl AsRawFd, buf: &[u8]) -> Option<io::Result<usize>> {
+    // SAFETY: buf is a valid buffer of buf.len() bytes that send only reads.
+    let rc = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            buf.as_ptr().cast::<libc::c_void>(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    now_result(rc)
+}
+
+fn now_result(rc: isize) -> Option<io::Result<usize>> {
+    if rc >= 0 {
+        return Some(Ok(rc as usize));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EINTR) => None,
+        _ => Some(Err(err)),
+    }
+}
+
+/// Ends the receiving side of the socket `fd`: a blocked read returns
+/// end of stream. The caller makes sure `fd` is still the open socket it
+/// means (a stale number could name another file: shutdown(2) only
+/// fails on what is not a socket, but would end another socket's reads).
+pub fn shutdown_read(fd: RawFd) {
+    // SAFETY: shutdown(2) touches no memory of this process; a bad fd only errors.
+    unsafe { libc::shutdown(fd, libc::SHUT_RD) };
 }
 
 /// Takes `file`'s exclusive `flock` if it is free: `Ok(false)` when

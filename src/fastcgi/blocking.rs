@@ -18,6 +18,16 @@ pub trait TimedStream: Read + Write {
     fn set_read_timeout(&mut self, timeout: Duration) -> io::Result<()>;
     /// Bounds each following write.
     fn set_write_timeout(&mut self, timeout: Duration) -> io::Result<()>;
+    /// Reads what is there without waiting; `None` when nothing is, or
+    /// when the stream cannot tell (then a bounded read follows).
+    fn read_now(&mut self, _buf: &mut [u8]) -> Option<io::Result<usize>> {
+        None
+    }
+    /// Writes what fits without waiting; `None` when nothing fits, or
+    /// when the stream cannot tell (then a bounded write follows).
+    fn write_now(&mut self, _buf: &[u8]) -> Option<io::Result<usize>> {
+        None
+    }
 }
 
 /// Serves requests on one connection until it closes, keep_conn ends, a
@@ -35,25 +45,51 @@ pub fn serve_connection<S: TimedStream>(
     handler: &dyn Fn(&Request) -> Response,
     limits: &Limits,
 ) -> io::Result<()> {
-    stream.set_write_timeout(limits.write_timeout)?;
     let mut conn = Connection::new(*limits, Instant::now());
     let mut buf = Vec::new();
+    // Socket options cost a system call each: the write bound is set only
+    // when a reply does not fit at once, the read bound only when its
+    // value changes (never within the same millisecond) and data is not
+    // already there.
+    let mut write_bound = false;
+    let mut read_bound: Option<Duration> = None;
     loop {
         let step = conn.next(Instant::now());
         // One write per reply: unbuffered record-by-record writes were
         // measured as a major cost.
         if !conn.output().is_empty() {
-            stream.write_all(conn.output())?;
+            let out = conn.output();
+            let sent = match stream.write_now(out) {
+                Some(r) => r?,
+                None => 0,
+            };
+            if sent < out.len() {
+                if !write_bound {
+                    stream.set_write_timeout(limits.write_timeout)?;
+                    write_bound = true;
+                }
+                stream.write_all(&out[sent..])?;
+            }
             stream.flush()?;
             conn.clear_output();
         }
         match step {
             Step::Read { deadline } => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                // A zero timeout means "block forever" to the socket API.
-                stream.set_read_timeout(left.max(Duration::from_millis(1)))?;
                 buf.resize(READ_SIZE, 0);
-                match stream.read(&mut buf) {
+                let got = match stream.read_now(&mut buf) {
+                    Some(r) => r,
+                    None => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        // A zero timeout means "block forever" to the socket API.
+                        let left = left.max(Duration::from_millis(1));
+                        if read_bound.is_none_or(|b| b.abs_diff(left) >= Duration::from_millis(1)) {
+                            stream.set_read_timeout(left)?;
+                            read_bound = Some(left);
+                        }
+                        stream.read(&mut buf)
+                    }
+                };
+                match got {
                     Ok(n) => conn.feed(&buf[..n], Instant::now()),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),

@@ -15,6 +15,7 @@ pub mod pool;
 pub mod stop;
 
 use std::io;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -25,8 +26,9 @@ use log::info;
 use crate::fastcgi;
 use crate::http::{Request, Response};
 use crate::limits::Limits;
-use crate::net::{Listener, Stream};
+use crate::net::Listener;
 use crate::relay::Relay;
+use crate::sys;
 use pool::{Counter, Pool, lock};
 use stop::StopSignal;
 
@@ -85,7 +87,10 @@ pub fn serve_serial(
     status: Arc<Status>,
 ) -> io::Result<()> {
     let stop = StopSignal::install()?;
-    let current: Arc<Mutex<Option<Stream>>> = Arc::default();
+    // The connection being served, by descriptor: a handle of its own (a
+    // dup) would cost two system calls per connection. It is cleared,
+    // under the lock, before the connection closes.
+    let current: Arc<Mutex<Option<RawFd>>> = Arc::default();
     let watcher = stop.watcher()?;
     let (watched, watched_status) = (current.clone(), status.clone());
     thread::Builder::new()
@@ -95,7 +100,7 @@ pub fn serve_serial(
     let handler = |req: &Request| status.handle(relay, req);
     info!("serving FastCGI on {}", listener.describe());
     while let Some(mut stream) = stop.next_connection(&listener)? {
-        *lock(&current) = stream.try_clone().ok();
+        *lock(&current) = Some(stream.fd());
         let _open = status.open.register();
         if let Err(e) = fastcgi::serve_connection(&mut stream, &handler, limits) {
             info!("FastCGI connection ended: {e}");
@@ -114,17 +119,18 @@ pub fn serve_serial(
 /// written still goes out whole.
 fn end_idle_on_stop(
     watcher: std::os::unix::net::UnixStream,
-    current: &Mutex<Option<Stream>>,
+    current: &Mutex<Option<RawFd>>,
     status: &Status,
 ) {
     if stop::wait_for_stop(watcher).is_err() {
         return;
     }
     loop {
-        if let Some(stream) = &*lock(current)
+        if let Some(fd) = *lock(current)
             && status.in_flight() == 0
         {
-            let _ = stream.shutdown_read();
+            // The lock is held: the connection is open (see serve_serial).
+            sys::shutdown_read(fd);
         }
         thread::sleep(Duration::from_millis(10));
     }
