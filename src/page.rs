@@ -63,15 +63,15 @@ impl std::error::Error for TemplateError {}
 
 /// The page renderer, built once at start.
 pub struct Page {
-    env: Environment<'static>,
+    /// `None`: the built-in page, rendered directly (compiling a template
+    /// costs a CGI start more than rendering it).
+    env: Option<Environment<'static>>,
 }
 
 impl Page {
     /// The page built into the program.
     pub fn built_in() -> Page {
-        // The built-in template is tested; failing to compile it is a bug
-        // caught by the test suite, never by a player.
-        Page::from_source(BUILT_IN.to_string()).unwrap_or_else(|e| panic!("built-in page: {e}"))
+        Page { env: None }
     }
 
     /// Loads an organiser's template and renders it once with every kind
@@ -102,7 +102,7 @@ impl Page {
         let mut env = Environment::new();
         env.set_auto_escape_callback(|_| AutoEscape::Html);
         env.add_template_owned("page", source)?;
-        Ok(Page { env })
+        Ok(Page { env: Some(env) })
     }
 
     /// The full response for an outcome.
@@ -140,7 +140,10 @@ impl Page {
             retry,
             status,
         } = view;
-        self.env.get_template("page")?.render(context! {
+        let Some(env) = &self.env else {
+            return Ok(render_built_in(view));
+        };
+        env.get_template("page")?.render(context! {
             ok => *ok,
             title => *title,
             message => message.as_ref(),
@@ -148,6 +151,74 @@ impl Page {
             retry => *retry,
             status => *status,
         })
+    }
+}
+
+/// The built-in template rendered by hand, byte for byte what minijinja
+/// makes of it (a test holds the two together): each `{{ x }}` escaped as
+/// minijinja's HTML autoescape does, each `{% if %}` taken or not, and the
+/// file's final newline dropped.
+fn render_built_in(view: &View<'_>) -> String {
+    let mut out = String::with_capacity(BUILT_IN.len() + 2 * view.message.len() + 64);
+    let mut rest = BUILT_IN.strip_suffix('\n').unwrap_or(BUILT_IN);
+    // Skipping the text of an `{% if %}` that is not taken.
+    let mut skipping = false;
+    while let Some(open) = rest.find('{') {
+        let tag = &rest[open..];
+        let Some(end) = tag
+            .starts_with("{{")
+            .then(|| tag.find("}}"))
+            .or_else(|| tag.starts_with("{%").then(|| tag.find("%}")))
+            .flatten()
+        else {
+            if !skipping {
+                out.push_str(&rest[..=open]);
+            }
+            rest = &rest[open + 1..];
+            continue;
+        };
+        if !skipping {
+            out.push_str(&rest[..open]);
+        }
+        let inner = tag[2..end].trim();
+        rest = &tag[end + 2..];
+        if tag.starts_with("{{") {
+            if !skipping {
+                match inner {
+                    "title" => escape_into(&mut out, view.title),
+                    "message" => escape_into(&mut out, &view.message),
+                    "hint" => escape_into(&mut out, view.hint.unwrap_or("")),
+                    _ => {}
+                }
+            }
+            continue;
+        }
+        skipping = match inner {
+            "if ok" => !view.ok,
+            "if hint" => view.hint.is_none_or(str::is_empty),
+            "if retry" => !view.retry,
+            "else" => !skipping,
+            _ => false, // endif
+        };
+    }
+    if !skipping {
+        out.push_str(rest);
+    }
+    out
+}
+
+/// minijinja's HTML escaping.
+fn escape_into(out: &mut String, s: &str) {
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#x27;"),
+            '/' => out.push_str("&#x2f;"),
+            c => out.push(c),
+        }
     }
 }
 
@@ -190,6 +261,38 @@ mod tests {
 
     fn body(r: &Response) -> String {
         String::from_utf8(r.body.clone()).unwrap()
+    }
+
+    #[test]
+    fn the_built_in_page_renders_as_its_template_does() {
+        let template = Page::from_source(BUILT_IN.to_string()).unwrap();
+        let texts = [
+            "",
+            "plain",
+            "<script>alert('x')</script> & \"q\" /path",
+            "ünï{{ok}}{% if %}",
+        ];
+        let mut seen = 0;
+        for ok in [true, false] {
+            for retry in [true, false] {
+                for hint in [None, Some(""), Some("Try <i>later</i>/now")] {
+                    for text in texts {
+                        let view = View {
+                            ok,
+                            title: text,
+                            message: text.into(),
+                            hint,
+                            retry,
+                            status: 200,
+                        };
+                        let direct = Page::built_in().render(&view).unwrap();
+                        assert_eq!(direct, template.render(&view).unwrap(), "{view:?}");
+                        seen += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(seen, 48);
     }
 
     #[test]

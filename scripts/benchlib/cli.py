@@ -29,6 +29,8 @@ def parse_args(argv, usage=None):
     p.add_argument("--threads", type=int, default=2, help="wrk threads [2]")
     p.add_argument("--cgi-runs", type=int, default=500, help="CGI and /bin/true runs each [500]")
     p.add_argument("--cgi-warmup", type=int, default=20)
+    p.add_argument("--syscall-requests", type=int, default=200,
+                   help="requests per mode and kind counted under strace [200]")
     p.add_argument("--spawn-runs", type=int, default=5, help="fresh Apache starts [5]")
     p.add_argument("--quick", action="store_true", help="3 s loads, fewer runs (a smoke test)")
     p.add_argument("--self-test", action="store_true",
@@ -62,7 +64,8 @@ def parse_args(argv, usage=None):
         p.error(f"--only: unknown {', '.join(sorted(args.only - set(PARTS)))}")
     if args.quick:
         args.duration, args.warmup, args.cgi_runs, args.spawn_runs = 3, 1, 100, 2
-    for name in ("duration", "conns", "burst_conns", "threads", "cgi_runs", "spawn_runs"):
+    for name in ("duration", "conns", "burst_conns", "threads", "cgi_runs", "spawn_runs",
+                 "syscall_requests"):
         if not 1 <= getattr(args, name) <= 100000:
             p.error(f"--{name.replace('_', '-')} out of range")
     if args.duration > 60 or args.warmup > 30:
@@ -71,7 +74,7 @@ def parse_args(argv, usage=None):
 
 
 def need_tools():
-    missing = [t for t in ("wrk", "cargo") if not shutil.which(t)]
+    missing = [t for t in ("wrk", "cargo", "strace") if not shutil.which(t)]
     if not (shutil.which("apache2") or Path("/usr/sbin/apache2").exists()):
         missing.append("apache2")
     for mod in ("mod_fcgid.so", "mod_proxy_fcgi.so"):
@@ -130,6 +133,8 @@ def main(argv, usage=None):
             bench.cgi()
         if "spawn" in args.only:
             bench.spawn()
+        if "syscalls" in args.only:
+            bench.syscalls()
     finally:
         for bot in list(Bot.live):
             bot.proc.kill()

@@ -53,6 +53,7 @@ PARTS = {
     "proxy-unixbot": ((Phase.PROXY_UNIXBOT,), ()),
     "cgi": ((), ("cgi",)),
     "spawn": ((), ("spawn",)),
+    "syscalls": ((), ("syscalls",)),
 }
 
 

@@ -2,7 +2,7 @@
 targets (as targets.evaluate judged them) and the code checks."""
 
 from . import targets
-from .phases import INSTANT_LOADS, Phase
+from .phases import INSTANT_LOADS, MODE_LABEL, MODES, Phase
 from .targets import mib
 
 
@@ -104,6 +104,21 @@ def report(bench, info, load_before, load_after, started, elapsed):
                     f"{n.value}: × static if the relay cost no CPU",
                     f"{static_cpu / max(total - c['relay'], 1):.2f} (all processes: {total:.0f} µs/req, "
                     f"{c['relay']:.0f} of them the relay's; static: {static_cpu:.0f} µs/req)"))
+    sc = r.get("syscalls")
+    if sc:
+        add(f"System calls per request (strace -f over {sc['requests']} requests, one connection "
+            "each; store = calls on the replay store's files, bot = on the connection to the bot):")
+        add("")
+        add("| mode | kind | total | store | bot | every call |")
+        add("|---|---|---|---|---|---|")
+        for mode in MODES:
+            for kind in ("first", "replay"):
+                x = sc[mode][kind]
+                calls = ", ".join(f"{k} {v:g}" for k, v in sorted(x["calls"].items(), key=lambda kv: -kv[1]))
+                store = ", ".join(f"{k} {v:g}" for k, v in x["store"].items()) or "–"
+                bot = ", ".join(f"{k} {v:g}" for k, v in x["bot"].items()) or "–"
+                add(f"| {MODE_LABEL[mode]} | {kind} | {x['total']:.1f} | {store} | {bot} | {calls} |")
+        add("")
     if other:
         add("| other figure | value |")
         add("|---|---|")

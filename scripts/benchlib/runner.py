@@ -8,6 +8,7 @@ import shutil
 import statistics
 import time
 
+from . import syscalls
 from .common import REPO, die, free_port, log, run, size, tail_from, tmpfs_dir
 from .phases import DISK, MODES, UNIXBOT, Phase, phases_of
 from .sampling import Groups, cpu_delta, cpu_totals, time_wait_sockets, vm_hwm_kib
@@ -283,6 +284,21 @@ class Bench:
                     "mean_us": statistics.fmean(xs) / 1000}
         self.results["cgi"] = {"true": stats(times["true"]), "cgi": stats(times["cgi"]),
                                "runs": a.cgi_runs}
+
+    def syscalls(self):
+        """System calls per request under strace, fd-0 and --listen, first
+        delivery and replay (see syscalls.py)."""
+        a = self.args
+        bot = Bot(self.bot_bin, self.bot_port, 0, self.rundir)
+        parent = a.state_dir or self.rundir
+        out = {}
+        for mode in MODES:
+            state = parent / f"tourney-register-bench-syscalls-{mode}"
+            self.state_dirs.append(state)
+            out[mode] = syscalls.measure(self.relay_bin, mode, self.rundir, self.bot_port, state,
+                                         f"{CODE_PAD}{RUN_TAG}-sys", STATE, a.syscall_requests)
+        bot.stop()
+        self.results["syscalls"] = {"requests": a.syscall_requests, **out}
 
     def spawn(self):
         """First answer after a fresh Apache start: a static file's, then

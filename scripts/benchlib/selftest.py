@@ -39,6 +39,10 @@ def made_up_run():
         "cgi": {"runs": 100, "true": {"median_us": 400, "p90_us": 500},
                 "cgi": {"median_us": 700, "p90_us": 900}},
         "spawn": {"runs": 2, "static_first_ms": 1.0, "spawn_first_ms": 3.0, "second_ms": 1.0},
+        "syscalls": {"requests": 200, **{mode: {kind: {
+            "total": 14.0, "store_total": 5.0, "bot": {"connect": 1.0},
+            "calls": {"accept4": 1.0, "pwrite64": 1.0}, "store": {"pwrite64": 1.0}}
+            for kind in ("first", "replay")} for mode in ("fcgid", "proxy")}},
     }
     return SimpleNamespace(args=args, phases={p: _load(p) for p in Phase}, results=results,
                            checks=[("made up", True, "every code once")])

@@ -6,7 +6,7 @@ and result a target names is one some part of the runner produces."""
 from dataclasses import dataclass
 from typing import Callable
 
-from .phases import BURSTS, INSTANT_LOADS, PARTS, Phase, phases_of, results_of
+from .phases import BURSTS, MODE_LABEL, MODES, INSTANT_LOADS, PARTS, Phase, phases_of, results_of
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,17 @@ def _spawn(f):
     return f"+{v:.2f} ms", v <= 5
 
 
+def _syscalls(mode, kind, most):
+    label = MODE_LABEL[mode]
+
+    def measure(f):
+        x = f.results["syscalls"][mode][kind]
+        return f"{x['total']:.1f} ({x['store_total']:.1f} of them the store's)", x["total"] <= most
+    what = "first delivery" if kind == "first" else "replayed answer"
+    return Target(lambda f: f"system calls per request ≤ {most}, {label}, {what}", (),
+                  (("syscalls", mode),), measure)
+
+
 TARGETS = (
     *(_relay_cpu(phase, label) for phase, label in INSTANT_LOADS),
     _rate(Phase.FCGID_INSTANT, "mod_fcgid", 0.40),
@@ -114,6 +125,7 @@ TARGETS = (
            (("proxy_rss", "burst"),), _proxy_burst_rss),
     Target(lambda f: "one CGI request within 0.6 ms of /bin/true", (), (("cgi", None),), _cgi),
     Target(lambda f: "spawn to first answer within 5 ms of a static file's", (), (("spawn", None),), _spawn),
+    *(_syscalls(mode, kind, most) for mode in MODES for kind, most in (("first", 16), ("replay", 10))),
 )
 
 
