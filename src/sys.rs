@@ -162,34 +162,30 @@ pub fn connect_tcp(addr: &SocketAddr, timeout: Duration) -> io::Result<TcpStream
     // SAFETY: fd is a fresh socket that nothing else owns.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     set_timeout(fd, libc::SO_SNDTIMEO, timeout)?;
-    loop {
-        // SAFETY: storage holds a valid sockaddr of length len; fd is open.
-        let rc = unsafe { libc::connect(fd, (&raw const storage).cast::<libc::sockaddr>(), len) };
-        if rc == 0 {
-            return Ok(TcpStream::from(owned));
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            // The send timeout ran out (connect(2): EINPROGRESS on a
-            // blocking socket with a timeout).
-            Some(libc::EINPROGRESS) | Some(libc::EAGAIN) => {
+    // SAFETY: storage holds a valid sockaddr of length len; fd is open.
+    let rc = unsafe { libc::connect(fd, (&raw const storage).cast::<libc::sockaddr>(), len) };
+    if rc == 0 {
+        return Ok(TcpStream::from(owned));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        // The send timeout ran out (connect(2): EINPROGRESS on a
+        // blocking socket with a timeout).
+        Some(libc::EINPROGRESS) | Some(libc::EAGAIN) => Err(io::ErrorKind::TimedOut.into()),
+        // A signal: the connection goes on in the background; wait
+        // for it the way a non-blocking connect does.
+        Some(libc::EINTR) => {
+            let mut fds = [pollfd(&owned, libc::POLLOUT)];
+            if poll(&mut fds, Some(timeout))? == 0 {
                 return Err(io::ErrorKind::TimedOut.into());
             }
-            // A signal: the connection goes on in the background; wait
-            // for it the way a non-blocking connect does.
-            Some(libc::EINTR) => {
-                let mut fds = [pollfd(&owned, libc::POLLOUT)];
-                if poll(&mut fds, Some(timeout))? == 0 {
-                    return Err(io::ErrorKind::TimedOut.into());
-                }
-                return match int_sockopt(fd, libc::SO_ERROR) {
-                    None => Err(io::Error::last_os_error()),
-                    Some(0) => Ok(TcpStream::from(owned)),
-                    Some(e) => Err(io::Error::from_raw_os_error(e)),
-                };
+            match int_sockopt(fd, libc::SO_ERROR) {
+                None => Err(io::Error::last_os_error()),
+                Some(0) => Ok(TcpStream::from(owned)),
+                Some(e) => Err(io::Error::from_raw_os_error(e)),
             }
-            _ => return Err(err),
         }
+        _ => Err(err),
     }
 }
 
@@ -406,6 +402,30 @@ mod tests {
         assert_eq!(poll(&mut fds, Some(Duration::from_millis(10))).unwrap(), 0);
         std::io::Write::write_all(&mut b, b"x").unwrap();
         assert_eq!(poll(&mut fds, Some(Duration::from_secs(5))).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_tcp_connect_is_bounded_by_its_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let timeout = Duration::from_millis(200);
+        let first = connect_tcp(&addr, timeout).unwrap();
+        assert_eq!(first.peer_addr().unwrap(), addr);
+        // A full accept queue drops the SYNs: the connect blocks until the
+        // send timeout ends it.
+        relisten(&listener, 0).unwrap();
+        let mut held = vec![first];
+        let err = loop {
+            match connect_tcp(&addr, timeout) {
+                Ok(s) if held.len() < 64 => held.push(s),
+                Ok(_) => panic!("64 connections queued on a backlog of 0"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        drop(listener);
+        let refused = connect_tcp(&addr, timeout).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
     }
 
     #[test]
