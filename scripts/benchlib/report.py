@@ -107,7 +107,8 @@ def report(bench, info, load_before, load_after, started, elapsed):
     sc = r.get("syscalls")
     if sc:
         add(f"System calls per request (strace -f over {sc['requests']} requests, one connection "
-            "each; store = calls on the replay store's files, bot = on the connection to the bot):")
+            "each; store = calls on the replay store's files, bot = on the connected socket to the bot, "
+            "its socket and connect not included):")
         add("")
         add("| mode | kind | total | store | bot | every call |")
         add("|---|---|---|---|---|---|")
