@@ -40,6 +40,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -130,6 +131,10 @@ pub struct Store {
 
 struct Inner {
     file: File,
+    /// The store's directory, for the removal of old-layout files.
+    dir: OwnedFd,
+    /// Whether files of the older layout may still be in the directory.
+    old_layout_left: AtomicBool,
     buckets: u64,
     salt: [u8; 16],
     ttl: Duration,
@@ -292,7 +297,8 @@ enum Claim<'a> {
     Done(Result<(BotReply, Delivery), Undelivered>),
     /// This request delivers; the guard holds the slot with its intent.
     Deliver(Locked<'a>, u64),
-    /// Every slot of the bucket is in the middle of a delivery.
+    /// Every slot of the bucket stayed in the middle of a delivery until
+    /// the deadline.
     NoRoom,
 }
 
@@ -354,23 +360,41 @@ impl Store {
                 if foreign.len() > 3 { ", …" } else { "" }
             )));
         }
-        // The one-file-per-code layout of earlier versions: its files are
-        // the store's own, and of no use to the table.
-        let old: Vec<&Vec<u8>> = names.iter().filter(|n| old_layout(n)).collect();
-        if !old.is_empty() {
-            for name in &old {
-                let _ = sys::unlink_at(&dir_fd, name);
+        // The store's own names must be files it made: a symlink or a
+        // directory there was put by someone else, and would otherwise
+        // switch the protection off on every request.
+        for name in names.iter().filter(|n| ours(n)) {
+            let path = dir.join(std::ffi::OsStr::from_bytes(name));
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.file_type().is_file() => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                _ => {
+                    return Err(refuse(format!(
+                        "{} in it is not a file the replay store made; remove it",
+                        String::from_utf8_lossy(name)
+                    )));
+                }
             }
-            info!(
-                "replay store: removed {} file(s) of the older one-file-per-code layout",
-                old.len()
+        }
+        // Files of the one-file-per-code layout of earlier versions are the
+        // store's own, and of no use to the table: housekeeping removes
+        // them, a batch at a time, off the request path.
+        let old_layout_left = names.iter().any(|n| old_layout(n));
+        let wanted = max_entries.div_ceil(PER_BUCKET).max(1) as u64;
+        let (file, salt, buckets) = open_table(&dir_fd, wanted).map_err(OpenError::Broken)?;
+        if buckets != wanted {
+            warn!(
+                "replay store: REGISTER_REPLAY_MAX is {max_entries} but replay.table holds {} \
+                 entries, and relays may be using it: it keeps its size until it is removed \
+                 with every relay stopped",
+                buckets * PER_BUCKET as u64
             );
         }
-        let buckets = max_entries.div_ceil(PER_BUCKET).max(1) as u64;
-        let (file, salt) = open_table(&dir_fd, buckets).map_err(OpenError::Broken)?;
         Ok(Store {
             inner: Arc::new(Inner {
                 file,
+                dir: dir_fd,
+                old_layout_left: AtomicBool::new(old_layout_left),
                 buckets,
                 salt,
                 ttl,
@@ -407,12 +431,16 @@ impl Store {
         let (guard, offset) = match inner.claim(&hash, deadline) {
             Ok(Claim::Done(result)) => return result,
             Ok(Claim::Deliver(guard, offset)) => (guard, offset),
+            // The code was not sent: the player may try again (503).
             Ok(Claim::NoRoom) => {
                 warn!(
-                    "replay store: every slot of this code's bucket is in a delivery, \
-                     delivering without duplicate protection"
+                    "replay store: every slot of this code's bucket stayed in a delivery \
+                     past the wait; the code was not sent"
                 );
-                return unprotected(deliver);
+                return Err(Undelivered::Bot(BotError::Unavailable(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "every replay slot of this code's bucket was in a delivery",
+                ))));
             }
             Err(e) => {
                 warn!(
@@ -581,6 +609,7 @@ impl Inner {
     fn claim(&self, hash: &[u8; 32], deadline: Instant) -> io::Result<Claim<'_>> {
         let asked = now_nanos();
         let bucket = self.bucket_of(hash);
+        let mut room_pause = Duration::from_millis(1);
         loop {
             let Some(bucket_guard) = self.lock(self.bucket_lock(bucket), deadline)? else {
                 return Err(io::Error::new(
@@ -615,7 +644,17 @@ impl Inner {
                             return Ok(Claim::Deliver(guard, offset));
                         }
                     }
-                    return Ok(Claim::NoRoom);
+                    // Every slot is in a delivery. Delivering without an
+                    // entry would let a repeat of this code through too:
+                    // wait, without the bucket, for one to end.
+                    drop(bucket_guard);
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Ok(Claim::NoRoom);
+                    }
+                    thread::sleep(room_pause.min(deadline - now));
+                    room_pause = (room_pause * 2).min(Duration::from_millis(20));
+                    continue;
                 }
             };
             let offset = self.slot_offset(bucket, i);
@@ -657,6 +696,9 @@ impl Inner {
     }
 
     fn housekeep(&self) -> io::Result<()> {
+        if self.old_layout_left.load(Ordering::Relaxed) {
+            self.remove_old_layout()?;
+        }
         let Some(header_guard) = self.try_lock(HEADER_LOCK)? else {
             return Ok(()); // another thread or process is at it
         };
@@ -676,6 +718,36 @@ impl Inner {
         drop(header_guard);
         for k in 0..count {
             self.sweep_bucket((from + k) % self.buckets)?;
+        }
+        Ok(())
+    }
+
+    /// Removes up to [`OLD_LAYOUT_BATCH`] files of the older layout, if no
+    /// other process is at it (the directory's flock), so that an upgrade
+    /// over millions of them costs no request more than a bounded step.
+    fn remove_old_layout(&self) -> io::Result<()> {
+        if !sys::try_lock_exclusive(&self.dir)? {
+            return Ok(());
+        }
+        let removed = (|| -> io::Result<usize> {
+            let names = sys::list_dir(&self.dir)?;
+            let old: Vec<&Vec<u8>> = names
+                .iter()
+                .filter(|n| old_layout(n))
+                .take(OLD_LAYOUT_BATCH)
+                .collect();
+            for name in &old {
+                let _ = sys::unlink_at(&self.dir, name);
+            }
+            Ok(old.len())
+        })();
+        let _ = sys::unlock_exclusive(&self.dir);
+        let removed = removed?;
+        if removed < OLD_LAYOUT_BATCH {
+            self.old_layout_left.store(false, Ordering::Relaxed);
+        }
+        if removed > 0 {
+            info!("replay store: removed {removed} file(s) of the older one-file-per-code layout");
         }
         Ok(())
     }
@@ -704,6 +776,9 @@ impl Inner {
     }
 }
 
+/// How many files of the older layout one housekeeping step removes.
+const OLD_LAYOUT_BATCH: usize = 2000;
+
 /// Where the header keeps the housekeeping cursor (8 bytes, the next bucket)
 /// and the time of the last step (8 bytes, ns since the epoch).
 const SWEEP_STATE: usize = 64;
@@ -715,7 +790,10 @@ const SWEEP_STATE: usize = 64;
 fn sweep_turn(cursor: u64, last: u64, now: u64, buckets: u64, lap: Duration) -> (u64, u64, u64) {
     let lap = nanos(lap).max(1);
     let since = now.saturating_sub(last);
-    if since >= lap {
+    // A last step in the future means the clock went back (an RTC that was
+    // ahead, a restored snapshot): waiting for it to catch up would stop
+    // the sweeping for as long, so the time starts again from now.
+    if last > now || since >= lap {
         return (cursor, buckets, now);
     }
     let due = u64::try_from(u128::from(since) * u128::from(buckets) / u128::from(lap))
@@ -756,6 +834,11 @@ fn open_dir(dir: &Path) -> Result<OwnedFd, OpenError> {
     if dir.as_os_str().as_bytes().contains(&0) {
         return Err(refuse("the path holds a NUL byte"));
     }
+    // Apache runs CGI and mod_fcgid processes in different working
+    // directories: a relative path would give each its own store.
+    if !dir.is_absolute() {
+        return Err(refuse("name it by an absolute path"));
+    }
     // "link/" or "link/." would have the kernel follow the symlink before
     // O_NOFOLLOW looks at the last name: drop trailing slashes and dots.
     let normal: PathBuf = dir.components().collect();
@@ -793,7 +876,7 @@ fn open_dir(dir: &Path) -> Result<OwnedFd, OpenError> {
 /// Opens the table, or makes a new one when there is none or it was made
 /// for another size: with the directory locked, so that relays starting
 /// together agree on one file.
-fn open_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16])> {
+fn open_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while !sys::try_lock_exclusive(dir)? {
         if Instant::now() >= deadline {
@@ -809,29 +892,35 @@ fn open_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16])> {
     result
 }
 
-fn open_or_make_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16])> {
-    let size = HEADER as u64 + buckets * BUCKET as u64;
+/// An existing, whole table is used at the size in its header, whatever
+/// `buckets` asks: relays that still have it open would otherwise keep
+/// using a file no longer in the directory, and a code could reach the
+/// bot once through each table.
+fn open_or_make_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> {
+    let size_of = |b: u64| (HEADER as u64).saturating_add(b.saturating_mul(BUCKET as u64));
     match sys::open_at(dir, TABLE.as_bytes(), false) {
         Ok(fd) => {
             let file = File::from(fd);
             let meta = file.metadata()?;
             let mut header = [0u8; 64];
-            let fits =
-                meta.is_file() && meta.len() == size && read_at(&file, &mut header, 0).is_ok();
-            if fits
+            if meta.is_file()
+                && read_at(&file, &mut header, 0).is_ok()
                 && let Some((b, salt)) = parse_header(&header)
-                && b == buckets
+                && b > 0
+                && meta.len() == size_of(b)
             {
-                return Ok((file, salt));
+                return Ok((file, salt, b));
             }
             info!(
-                "replay store: making a new table for {} entries; earlier answers are not kept",
+                "replay store: replay.table is not a whole table; making a new one for {} \
+                 entries, earlier answers are not kept",
                 buckets * PER_BUCKET as u64
             );
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
+    let size = size_of(buckets);
     let file = File::from(sys::open_at(dir, TABLE_NEW.as_bytes(), true)?);
     let made = (|| {
         file.set_len(size)?;
@@ -849,7 +938,7 @@ fn open_or_make_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16]
         Ok(salt)
     })();
     match made {
-        Ok(salt) => Ok((file, salt)),
+        Ok(salt) => Ok((file, salt, buckets)),
         Err(e) => {
             let _ = sys::unlink_at(dir, TABLE_NEW.as_bytes());
             Err(e)
@@ -1100,8 +1189,12 @@ mod tests {
             sweep_turn(7, 0, lap * 50, b, SWEEP_LAP_MAX),
             (7, b, lap * 50)
         );
-        // A clock that went back costs nothing.
-        assert_eq!(sweep_turn(7, lap, 0, b, SWEEP_LAP_MAX).1, 0);
+        // A clock that went back: one whole lap, and the time starts
+        // again from now rather than when the clock catches up.
+        assert_eq!(sweep_turn(7, lap, 0, b, SWEEP_LAP_MAX), (7, b, 0));
+        let day = 86_400 * 1_000_000_000;
+        assert_eq!(sweep_turn(7, lap + day, lap, b, SWEEP_LAP_MAX), (7, b, lap));
+        assert_eq!(sweep_turn(7, lap, lap + lap / 10, b, SWEEP_LAP_MAX).1, 120);
     }
 
     #[test]
@@ -1350,19 +1443,98 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// Relays with different `REGISTER_REPLAY_MAX` on one directory share
+    /// the table there, at its size: a code in flight in one is waited for
+    /// by the other, never delivered twice.
     #[test]
-    fn another_size_makes_a_new_table() {
+    fn another_size_uses_the_table_there_at_its_size() {
         let dir = temp_dir("resize");
-        open(&dir, TTL, 64)
-            .deliver_once("c", WAIT, || ok("one"))
-            .unwrap();
+        let small = open(&dir, TTL, 64);
+        small.deliver_once("c", WAIT, || ok("one")).unwrap();
         let bigger = open(&dir, TTL, 128);
         assert_eq!(
             fs::metadata(dir.join("replay.table")).unwrap().len(),
-            (HEADER + 16 * BUCKET) as u64
+            (HEADER + 8 * BUCKET) as u64
         );
-        let (_, d) = message(bigger.deliver_once("c", WAIT, || ok("two")));
-        assert_eq!(d, Delivery::First);
+        assert_eq!(
+            message(bigger.deliver_once("c", WAIT, || ok("two"))),
+            ("one".into(), Delivery::Replayed)
+        );
+        let calls = AtomicUsize::new(0);
+        let started = std::sync::Barrier::new(2);
+        let (first, again) = thread::scope(|s| {
+            let first = s.spawn(|| {
+                small.deliver_once("in-flight", WAIT, || {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    started.wait();
+                    thread::sleep(Duration::from_millis(200));
+                    ok("first")
+                })
+            });
+            started.wait();
+            let other = open(&dir, TTL, 256);
+            let again = other.deliver_once("in-flight", WAIT, || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                ok("second")
+            });
+            (message(first.join().unwrap()), message(again))
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "delivered twice");
+        assert_eq!(first, ("first".into(), Delivery::First));
+        assert_eq!(again, ("first".into(), Delivery::Replayed));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A bucket whose every slot is in a delivery makes a new code wait for
+    /// room rather than go through unprotected, so a double tap on it still
+    /// reaches the bot once.
+    #[test]
+    fn a_full_bucket_of_deliveries_makes_a_code_wait_not_go_twice() {
+        let dir = temp_dir("noroom");
+        let store = open(&dir, TTL, 8);
+        let started = std::sync::Barrier::new(PER_BUCKET + 1);
+        let release = std::sync::Barrier::new(PER_BUCKET + 1);
+        let calls = AtomicUsize::new(0);
+        let players = thread::scope(|s| {
+            for n in 0..PER_BUCKET {
+                let (store, started, release) = (&store, &started, &release);
+                s.spawn(move || {
+                    store.deliver_once(&format!("holder-{n}"), WAIT, || {
+                        started.wait();
+                        release.wait();
+                        ok("holder")
+                    })
+                });
+            }
+            started.wait();
+            let players: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        store.deliver_once("player", WAIT, || {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            ok("player")
+                        })
+                    })
+                })
+                .collect();
+            // Past its wait, a code finding no room is not sent (503).
+            let gave_up = store.deliver_once("impatient", Duration::from_millis(300), || {
+                panic!("sent without room")
+            });
+            assert!(
+                matches!(gave_up, Err(Undelivered::Bot(BotError::Unavailable(_)))),
+                "{gave_up:?}"
+            );
+            // Not a synchronisation: without the wait for room the players
+            // are through by now, and the count below shows it.
+            release.wait();
+            players
+                .into_iter()
+                .map(|h| message(h.join().unwrap()).0)
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "delivered twice");
+        assert_eq!(players, ["player", "player"]);
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -1424,18 +1596,55 @@ mod tests {
         let _ = fs::remove_dir_all(&base);
     }
 
+    /// Old-layout files are removed by housekeeping, a bounded batch per
+    /// step, never while the store opens (on a request's path).
     #[test]
-    fn files_of_the_older_layout_are_removed() {
+    fn files_of_the_older_layout_are_removed_by_housekeeping_in_batches() {
         let dir = temp_dir("old");
-        let hex = "ab".repeat(32);
-        fs::write(dir.join(format!("{hex}.entry")), b"{}").unwrap();
-        fs::write(dir.join(&hex), b"").unwrap();
-        open(&dir, TTL, 64);
+        let n = OLD_LAYOUT_BATCH + 10;
+        for i in 0..n {
+            let hex = crate::fingerprint::sha256_hex(i.to_string().as_bytes());
+            fs::write(dir.join(format!("{hex}.entry")), b"{}").unwrap();
+        }
+        fs::write(dir.join("ab".repeat(32)), b"").unwrap();
+        let count = || fs::read_dir(&dir).unwrap().count();
+        let store = open(&dir, TTL, 64);
+        assert_eq!(count(), n + 2, "removed while opening");
+        store.housekeep().unwrap();
+        assert_eq!(count(), n + 2 - OLD_LAYOUT_BATCH);
+        store.housekeep().unwrap();
         let names: Vec<_> = fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["replay.table"]);
+        assert!(!store.inner.old_layout_left.load(Ordering::Relaxed));
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A symlink or a directory under the store's own names is refused,
+    /// and what it points to is left alone; so is a relative path.
+    #[test]
+    fn a_table_that_is_not_a_file_or_a_relative_path_is_refused() {
+        let base = temp_dir("notfile");
+        let precious = base.join("precious.txt");
+        fs::write(&precious, b"keep").unwrap();
+        for name in ["replay.table", "replay.table.new"] {
+            let dir = base.join(format!("link-{name}"));
+            fs::create_dir(&dir).unwrap();
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+            std::os::unix::fs::symlink(&precious, dir.join(name)).unwrap();
+            let why = refused(&dir);
+            assert!(why.contains(name) && why.contains("not a file"), "{why}");
+        }
+        let dir = base.join("dir-table");
+        fs::create_dir_all(dir.join("replay.table")).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(refused(&dir).contains("replay.table"));
+        assert_eq!(fs::read(&precious).unwrap(), b"keep");
+        let why = refused(Path::new("relative-store"));
+        assert!(why.contains("absolute"), "{why}");
+        assert!(!Path::new("relative-store").exists());
+        let _ = fs::remove_dir_all(&base);
     }
 }
