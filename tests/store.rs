@@ -138,6 +138,48 @@ fn a_flood_of_codes_keeps_the_store_at_its_size_and_the_latest_still_replay() {
     assert!(server.stop().success());
 }
 
+/// Two relays set to different `REGISTER_REPLAY_MAX` on one directory
+/// (one conf sets it, another leaves the default): the second uses the
+/// first's table, so a code in flight in the first is waited for and
+/// replayed, not delivered again; and the table keeps its size.
+#[test]
+fn relays_with_different_sizes_share_one_table_and_deliver_once() {
+    let store = private_dir("st");
+    let bot = Bot::start_with("json", "slow", &["--delay", "3"]);
+    let first_env = relay_env(
+        bot.addr(),
+        store.path_str(),
+        &[
+            ("REGISTER_BOT_TIMEOUT", "20"),
+            ("REGISTER_REPLAY_MAX", "64"),
+        ],
+    );
+    let second_env = relay_env(
+        bot.addr(),
+        store.path_str(),
+        &[("REGISTER_BOT_TIMEOUT", "20")],
+    );
+    let code = unique("sizes", 40);
+    let q = query(&code);
+    let InFlight::Cgi(first) = send_in(Mode::Cgi, &first_env, &q) else {
+        unreachable!()
+    };
+    assert_eq!(bot.wait_received(1, Duration::from_secs(15)).len(), 1);
+    let (page, stderr) = cgi(&second_env, &q);
+    assert_answer_page(&page, true, APPROVED);
+    assert!(stderr.contains("outcome=approved-replayed"), "{stderr}");
+    assert!(stderr.contains("REGISTER_REPLAY_MAX"), "{stderr}");
+    let out = first.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("aria-label=\"Success\""));
+    // Later, with the default size again: still the one table.
+    assert_answer_page(&cgi(&second_env, &q).0, true, APPROVED);
+    assert_eq!(codes(&bot), [code]);
+    assert_eq!(names(store.path()), ["replay.table"]);
+    let len = fs::metadata(store.join("replay.table")).unwrap().len();
+    assert_eq!(len, (HEADER + 64 * ENTRY) as u64);
+}
+
 // ---------------------------------------------------------------------------
 // Housekeeping off the request path
 // ---------------------------------------------------------------------------
