@@ -22,3 +22,4 @@ mod graceful_stop;
 mod harness_selftest;
 mod load;
 mod peers;
+mod store;
