@@ -40,7 +40,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -141,6 +141,11 @@ struct Inner {
     /// Lock bytes this process holds: OFD locks do not tell its threads apart.
     held: Mutex<HashSet<u64>>,
     freed: Condvar,
+    /// Threads waiting on `freed`, changed only under `held`'s lock: a
+    /// wake-up is a system call, made only when someone waits.
+    waiting: AtomicUsize,
+    /// This process's id, written into intents (`getpid` is not cached).
+    pid: u32,
 }
 
 /// What a slot holds.
@@ -313,8 +318,7 @@ impl Drop for Locked<'_> {
         // Unlocking cannot fail on a valid descriptor; and the lock goes
         // with the process anyway.
         let _ = sys::unlock_byte(&self.inner.file, self.byte);
-        self.inner.held_set().remove(&self.byte);
-        self.inner.freed.notify_all();
+        self.inner.release(self.byte);
     }
 }
 
@@ -400,6 +404,8 @@ impl Store {
                 ttl,
                 held: Mutex::new(HashSet::new()),
                 freed: Condvar::new(),
+                waiting: AtomicUsize::new(0),
+                pid: std::process::id(),
             }),
         })
     }
@@ -460,7 +466,7 @@ impl Store {
             Some(entry) => Slot {
                 hash,
                 at: now_nanos(),
-                holder: std::process::id(),
+                holder: inner.pid,
                 entry,
             },
             None => EMPTY,
@@ -529,6 +535,18 @@ impl Inner {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Gives up this process's claim on `byte` and wakes its waiters.
+    fn release(&self, byte: u64) {
+        let waiting = {
+            let mut held = self.held_set();
+            held.remove(&byte);
+            self.waiting.load(Ordering::Relaxed)
+        };
+        if waiting > 0 {
+            self.freed.notify_all();
+        }
+    }
+
     /// Takes lock byte `byte` if nobody holds it, in this process or another.
     fn try_lock(&self, byte: u64) -> io::Result<Option<Locked<'_>>> {
         if !self.held_set().insert(byte) {
@@ -537,8 +555,7 @@ impl Inner {
         match sys::try_lock_byte(&self.file, byte) {
             Ok(true) => Ok(Some(Locked { inner: self, byte })),
             other => {
-                self.held_set().remove(&byte);
-                self.freed.notify_all();
+                self.release(byte);
                 other.map(|_| None)
             }
         }
@@ -557,11 +574,13 @@ impl Inner {
                     if left.is_zero() {
                         return Ok(None);
                     }
+                    self.waiting.fetch_add(1, Ordering::Relaxed);
                     held = self
                         .freed
                         .wait_timeout(held, left)
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
+                    self.waiting.fetch_sub(1, Ordering::Relaxed);
                 }
             }
             if let Some(locked) = self.try_lock(byte)? {
@@ -689,7 +708,7 @@ impl Inner {
             &Slot {
                 hash: *hash,
                 at: now_nanos(),
-                holder: std::process::id(),
+                holder: self.pid,
                 entry: Entry::Delivering,
             },
         )
