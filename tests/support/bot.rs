@@ -123,6 +123,14 @@ impl Bot {
     }
 
     fn launch(dir: TempDir, wire: &str, behaviour: &str, extra: &[&str]) -> Bot {
+        // Each TCP bot gets an address of its own in 127.0.0.0/8. The suites
+        // run in parallel, and a relay still retrying a killed bot's port
+        // must not reach a new bot that the kernel gave the same port.
+        let host = own_loopback_host();
+        let placed = ["--unix", "--host", "--port"]
+            .iter()
+            .any(|flag| extra.contains(flag));
+        let own_host = ["--host", host.as_str()];
         let record = dir.join("received.jsonl");
         let stderr = dir.join("stderr.log");
         let mut cmd = Command::new("python3");
@@ -130,6 +138,7 @@ impl Bot {
             .args(["--wire", wire, "--behaviour", behaviour, "--record"])
             .arg(&record)
             .args(extra)
+            .args(if placed { &[][..] } else { &own_host[..] })
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -243,4 +252,15 @@ impl Drop for Bot {
             );
         }
     }
+}
+
+/// A loopback address no other bot of this test run is likely to have:
+/// 127.x.y.z with x, y, z from 1 to 254, picked at random.
+fn own_loopback_host() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    let r = h.finish();
+    let octet = |shift: u32| 1 + (r >> shift) % 254;
+    format!("127.{}.{}.{}", octet(0), octet(8), octet(16))
 }
