@@ -2,7 +2,8 @@
 //! (`docs/tourney-register.8`) and the README's configuration table list
 //! are exactly the ones the program reads (`config::VARIABLES`), in the
 //! same order, and no document mentions a `REGISTER_*` variable that does
-//! not exist.
+//! not exist; and where a default is a plain value, all three give the
+//! same one.
 
 use std::path::Path;
 use std::process::Command;
@@ -130,4 +131,56 @@ fn man_page_version_is_the_package_version() {
         )),
         "{th}"
     );
+}
+
+/// Each setting's default as `--help` (`[30]`), the README's table
+/// (`` `30` ``) and the man page (`Default: .BR 30 .`) give it, where it
+/// is a plain value rather than words ("built in", a path made from
+/// `$TMPDIR`).
+#[test]
+fn defaults_agree() {
+    let help = help();
+    let readme = read("README.md");
+    let man = read("docs/tourney-register.8");
+    let man_env = man
+        .split_once("\n.SH ENVIRONMENT\n")
+        .map(|(_, s)| s)
+        .expect("an ENVIRONMENT section in the man page");
+    let mut compared = 0;
+    for var in VARIABLES {
+        let from_help = help
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(var))
+            .and_then(|l| l.rsplit_once('[').map(|(_, d)| d.trim_end_matches(']')))
+            .unwrap_or_else(|| panic!("--help: no default for {var}"));
+        let plain = |d: &str| {
+            d.chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".:".contains(c))
+        };
+        if !plain(from_help) {
+            continue;
+        }
+        let row = format!("| `{var}` | ");
+        let from_readme = readme
+            .lines()
+            .find_map(|l| l.strip_prefix(row.as_str()))
+            .and_then(|rest| rest.split(" | ").next())
+            .map(|d| d.trim_matches('`'))
+            .unwrap_or_else(|| panic!("README: no row for {var}"));
+        let entry = man_env
+            .split(".TP\n")
+            .find(|e| e.starts_with(&format!(".B {var}\n")))
+            .unwrap_or_else(|| panic!("man page: no entry for {var}"));
+        let from_man = entry
+            .split_once("Default:\n.BR ")
+            .and_then(|(_, d)| d.split_whitespace().next())
+            .unwrap_or_else(|| panic!("man page: no default for {var}:\n{entry}"));
+        assert_eq!(
+            (from_readme, from_man),
+            (from_help, from_help),
+            "{var}: the default in the README and the man page vs --help"
+        );
+        compared += 1;
+    }
+    assert!(compared >= 8, "only {compared} defaults compared");
 }
