@@ -133,7 +133,11 @@ fn store(c: &mut Criterion) {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench/store-bench")
         });
     let _ = std::fs::remove_dir_all(&dir);
-    let store = Store::open(&dir, Duration::from_secs(600)).unwrap_or_else(|e| panic!("{e}"));
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let store =
+        Store::open(&dir, Duration::from_secs(600), 100_000).unwrap_or_else(|e| panic!("{e}"));
     let reply = BotReply {
         success: true,
         message: "You're registered, welcome to the tournament!".into(),

@@ -64,6 +64,47 @@ pub enum FailureKind {
     TooLarge,
 }
 
+impl FailureKind {
+    /// The error again, for a request that waited on a delivery that
+    /// ended this way (its details stayed with the request that saw them).
+    pub fn error(self) -> BotError {
+        match self {
+            FailureKind::Unavailable => {
+                BotError::Unavailable(io::ErrorKind::ConnectionRefused.into())
+            }
+            FailureKind::Timeout => BotError::Timeout,
+            FailureKind::Closed => BotError::Closed,
+            FailureKind::Invalid => {
+                BotError::Invalid("the delivery this request waited for got it".into())
+            }
+            FailureKind::TooLarge => BotError::TooLarge,
+        }
+    }
+
+    /// One byte for the replay store; 0 is left for "none".
+    pub fn to_byte(self) -> u8 {
+        match self {
+            FailureKind::Unavailable => 1,
+            FailureKind::Timeout => 2,
+            FailureKind::Closed => 3,
+            FailureKind::Invalid => 4,
+            FailureKind::TooLarge => 5,
+        }
+    }
+
+    /// The kind [`FailureKind::to_byte`] gave `byte`, if any.
+    pub fn from_byte(byte: u8) -> Option<FailureKind> {
+        Some(match byte {
+            1 => FailureKind::Unavailable,
+            2 => FailureKind::Timeout,
+            3 => FailureKind::Closed,
+            4 => FailureKind::Invalid,
+            5 => FailureKind::TooLarge,
+            _ => return None,
+        })
+    }
+}
+
 impl BotError {
     /// The kind of this failure.
     pub fn kind(&self) -> FailureKind {
@@ -272,6 +313,29 @@ mod tests {
     use super::*;
     use crate::outcome::Outcome;
     use std::net::TcpListener;
+
+    #[test]
+    fn a_failure_kind_rebuilds_its_error() {
+        let errors = [
+            BotError::Unavailable(io::ErrorKind::ConnectionRefused.into()),
+            BotError::Timeout,
+            BotError::Closed,
+            BotError::Invalid("x".into()),
+            BotError::TooLarge,
+        ];
+        let mut bytes = Vec::new();
+        for e in errors {
+            let kind = e.kind();
+            bytes.push(kind.to_byte());
+            assert_eq!(FailureKind::from_byte(kind.to_byte()), Some(kind));
+            assert_eq!(kind.error().kind(), kind);
+        }
+        bytes.sort_unstable();
+        bytes.dedup();
+        assert_eq!(bytes.len(), 5, "two kinds share a byte");
+        assert_eq!(FailureKind::from_byte(0), None);
+        assert_eq!(FailureKind::from_byte(6), None);
+    }
 
     #[test]
     fn json_round_trip() {

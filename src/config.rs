@@ -23,6 +23,7 @@ pub const VARIABLES: &[&str] = &[
     "REGISTER_TEMPLATE",
     "REGISTER_REPLAY_TTL",
     "REGISTER_STATE_DIR",
+    "REGISTER_REPLAY_MAX",
     "REGISTER_MAX_CONNS",
     "REGISTER_FCGI_TIMEOUT",
     "RUST_LOG",
@@ -77,6 +78,9 @@ pub struct Config {
     pub replay_ttl: Duration,
     /// `None` turns the replay store off (REGISTER_STATE_DIR=off).
     pub state_dir: Option<PathBuf>,
+    /// How many codes the replay store keeps at most; its size on disk
+    /// follows from it.
+    pub replay_max: usize,
     /// Cap on concurrent connections in `--listen` mode.
     pub max_conns: usize,
     /// Bound on a web server's FastCGI request, on the wait between its
@@ -156,6 +160,19 @@ impl Config {
             Some(v) => Some(PathBuf::from(v)),
             None => Some(default_state_dir()),
         };
+        let replay_max = match get("REGISTER_REPLAY_MAX") {
+            None => 100_000,
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if (8..=1_000_000).contains(&n) => n,
+                _ => {
+                    return Err(ConfigError {
+                        var: "REGISTER_REPLAY_MAX",
+                        value: v,
+                        allowed: "a whole number of codes from 8 to 1000000",
+                    });
+                }
+            },
+        };
         let max_conns = match get("REGISTER_MAX_CONNS") {
             None => 256,
             Some(v) => match v.trim().parse::<usize>() {
@@ -184,6 +201,7 @@ impl Config {
             template,
             replay_ttl,
             state_dir,
+            replay_max,
             max_conns,
         })
     }
@@ -284,6 +302,7 @@ mod tests {
         assert_eq!(c.replay_ttl, Duration::from_secs(600));
         assert!(c.state_dir.unwrap().starts_with(std::env::temp_dir()));
         assert_eq!(c.max_conns, 256);
+        assert_eq!(c.replay_max, 100_000);
         assert_eq!(c.fcgi_timeout, Duration::from_secs(30));
     }
 
@@ -297,6 +316,7 @@ mod tests {
             ("REGISTER_TEMPLATE", "/etc/page.html"),
             ("REGISTER_STATE_DIR", "off"),
             ("REGISTER_MAX_CONNS", "8"),
+            ("REGISTER_REPLAY_MAX", "64"),
         ])
         .unwrap();
         assert_eq!(c.bot_addr, BotAddr::Unix("/run/bot.sock".into()));
@@ -306,6 +326,7 @@ mod tests {
         assert_eq!(c.template, Some(PathBuf::from("/etc/page.html")));
         assert_eq!(c.state_dir, None);
         assert_eq!(c.max_conns, 8);
+        assert_eq!(c.replay_max, 64);
         let c = cfg(&[("REGISTER_BOT_ADDR", "localhost:9")]).unwrap();
         assert!(matches!(c.bot_addr, BotAddr::Tcp(ref a) if a.iter().all(|a| a.port() == 9)));
     }
@@ -326,6 +347,9 @@ mod tests {
             ("REGISTER_WIRE", "xml"),
             ("REGISTER_REPLAY_TTL", "forever"),
             ("REGISTER_MAX_CONNS", "0"),
+            ("REGISTER_REPLAY_MAX", "7"),
+            ("REGISTER_REPLAY_MAX", "1000001"),
+            ("REGISTER_REPLAY_MAX", "lots"),
         ];
         for (var, value) in cases {
             let err = cfg(&[(var, value)]).unwrap_err();

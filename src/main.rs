@@ -40,6 +40,7 @@ Settings (environment):
   REGISTER_TEMPLATE      Jinja2 template for the page             [built in]
   REGISTER_REPLAY_TTL    seconds a code's answer is replayed      [600]
   REGISTER_STATE_DIR     replay store directory, or off           [$TMPDIR/tourney-register-UID]
+  REGISTER_REPLAY_MAX    codes the replay store keeps at most     [100000]
   REGISTER_MAX_CONNS     --listen connection cap                  [256]
   REGISTER_FCGI_TIMEOUT  seconds per request or idle connection   [30]
   RUST_LOG               log filter (stderr)                      [info]
@@ -62,7 +63,8 @@ fn main() -> ExitCode {
 enum Failure {
     /// A command line that cannot be used.
     Usage(String),
-    /// A setting or the template that cannot be used (FastCGI modes).
+    /// A setting, the template or the replay store's directory that
+    /// cannot be used (FastCGI modes).
     Start(String),
     /// The service manager passed a socket that cannot be served.
     Activation(String),
@@ -161,7 +163,10 @@ fn run(args: impl Iterator<Item = String>) -> Result<(), Failure> {
     let limits = Limits::from_config(relay.config());
     let status = Arc::new(Status::default());
     match socket {
-        Socket::Inherited(listener) => server::serve_serial(&relay, listener, &limits, status),
+        Socket::Inherited(listener) => {
+            relay.start_housekeeping();
+            server::serve_serial(&relay, listener, &limits, status)
+        }
         Socket::Listen(addr) => {
             let listener =
                 Listener::bind(&addr).map_err(|error| Failure::Listen { addr, error })?;
@@ -187,6 +192,7 @@ fn serve_concurrently(
     // Few arenas: the pipeline allocates little, and each connection
     // thread's own arena would hold on to its memory.
     sys::limit_malloc_arenas(2);
+    relay.start_housekeeping();
     server::serve_pool(Arc::new(relay), listener, limits, status)
 }
 
@@ -235,7 +241,7 @@ fn init_logging() {
 /// configuration error is a 500 page.
 fn run_cgi(relay: Result<Relay, String>, started: Instant) {
     let req = cgi::request_from_env();
-    let response = match relay {
+    let response = match &relay {
         Ok(relay) => relay.handle(&req),
         Err(e) => {
             log::error!("{e}");
@@ -244,5 +250,13 @@ fn run_cgi(relay: Result<Relay, String>, started: Instant) {
     };
     if let Err(e) = cgi::write_response(&req, &response) {
         log::error!("cannot write the response: {e}");
+    }
+    // The web server has the whole answer once stdout is closed; the
+    // housekeeping step after it delays no one.
+    if let Ok(relay) = &relay {
+        if let Err(e) = sys::release_stdout() {
+            log::warn!("cannot close stdout: {e}");
+        }
+        relay.housekeep();
     }
 }

@@ -33,6 +33,10 @@ pub enum Outcome {
     Rejected(RequestError),
     /// No answer came from the bot.
     BotFailed(FailureKind),
+    /// An earlier request with this code began its delivery and its
+    /// process died before the bot's answer was kept: the bot may have the
+    /// code, so it was not sent again.
+    Unconfirmed,
     /// `--listen` is at its connection cap; nothing reached the pipeline.
     Overloaded,
     /// A HEAD request for a valid link: answered without spending the code.
@@ -66,6 +70,8 @@ impl Outcome {
                 FailureKind::Timeout => 504,
                 FailureKind::Closed | FailureKind::Invalid | FailureKind::TooLarge => 502,
             },
+            // The state upstream is unknown, as for a bot that closed early.
+            Outcome::Unconfirmed => 502,
             Outcome::Overloaded => 503,
             Outcome::Misconfigured => 500,
         }
@@ -97,6 +103,7 @@ impl Outcome {
                 FailureKind::Invalid => "bot-invalid-reply",
                 FailureKind::TooLarge => "bot-reply-too-large",
             },
+            Outcome::Unconfirmed => "unconfirmed",
             Outcome::Overloaded => "overloaded",
             Outcome::Probed => "head",
             Outcome::Misconfigured => "misconfigured",
@@ -170,6 +177,16 @@ impl Outcome {
                 "The bot gave an answer this page could not read.".into(),
                 Some(CHECK_DISCORD),
             ),
+            Outcome::Unconfirmed => fail(
+                "Your sign-up could not be confirmed",
+                "This sign-in link was already used, and the bot may have your sign-up, \
+                 but its answer was lost."
+                    .into(),
+                Some(
+                    "Check your Discord messages from the bot. If there is nothing there, \
+                     start the sign-up again from the bot's link.",
+                ),
+            ),
             Outcome::Overloaded => retry(
                 "Too many sign-ups at once",
                 "Wait a few seconds, then try again.",
@@ -227,6 +244,18 @@ mod tests {
             assert_eq!(outcome.view().retry, kind == FailureKind::Unavailable);
             assert_eq!(outcome.view().status, status);
         }
+    }
+
+    #[test]
+    fn unconfirmed_is_a_502_that_sends_the_player_to_discord_without_a_retry() {
+        let o = Outcome::Unconfirmed;
+        assert_eq!((o.status(), o.log_name()), (502, "unconfirmed"));
+        let v = o.view();
+        assert!(!v.ok && !v.retry);
+        assert_eq!(v.status, 502);
+        let hint = v.hint.unwrap_or_default();
+        assert!(hint.contains("Discord messages"), "{hint}");
+        assert!(hint.contains("start the sign-up again"), "{hint}");
     }
 
     #[test]

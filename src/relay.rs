@@ -13,7 +13,7 @@ use crate::http::{Request, Response};
 use crate::outcome::Outcome;
 use crate::page::{Page, TemplateError};
 use crate::redirect::{self, Redirect};
-use crate::replay::{Delivery, Store};
+use crate::replay::{Delivery, OpenError, Store, Undelivered};
 
 /// Everything a request needs, built once at start and shared by all
 /// threads.
@@ -23,27 +23,52 @@ pub struct Relay {
     store: Option<Store>,
 }
 
+/// Why the relay cannot start: a template or a store directory that
+/// cannot be used. One line, naming the setting.
+#[derive(Debug)]
+pub enum StartError {
+    /// The page template cannot be used.
+    Template(TemplateError),
+    /// `REGISTER_STATE_DIR` is not a directory the store may use.
+    StateDir(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Template(e) => write!(f, "{e}"),
+            StartError::StateDir(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
 impl Relay {
-    /// Loads the page template and opens the replay store. A store that
-    /// cannot be opened is logged and left out: sign-ups still work, only
-    /// the duplicate protection is lost.
-    pub fn new(config: Config) -> Result<Relay, TemplateError> {
+    /// Loads the page template and opens the replay store. A store
+    /// directory that is not the store's own (a symlink, not private,
+    /// others' files in it) stops the start; a store that cannot be used
+    /// for want of space or a writable disk is logged and left out:
+    /// sign-ups still work, only the duplicate protection is lost.
+    pub fn new(config: Config) -> Result<Relay, StartError> {
         let page = match &config.template {
-            Some(path) => Page::from_file(path)?,
+            Some(path) => Page::from_file(path).map_err(StartError::Template)?,
             None => Page::built_in(),
         };
-        let store = config.state_dir.as_ref().and_then(|dir| {
-            match Store::open(dir, config.replay_ttl) {
+        let store = match &config.state_dir {
+            None => None,
+            Some(dir) => match Store::open(dir, config.replay_ttl, config.replay_max) {
                 Ok(store) => Some(store),
-                Err(e) => {
+                Err(OpenError::Refused(why)) => return Err(StartError::StateDir(why)),
+                Err(OpenError::Broken(e)) => {
                     log::warn!(
                         "replay store {} unusable, repeats of a code will reach the bot again: {e}",
                         dir.display()
                     );
                     None
                 }
-            }
-        });
+            },
+        };
         Ok(Relay {
             config,
             page,
@@ -54,6 +79,23 @@ impl Relay {
     /// The settings it was built with.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Long-running modes: expired replay entries are zeroed by a
+    /// background thread.
+    pub fn start_housekeeping(&self) {
+        if let Some(store) = &self.store {
+            store.start_housekeeping();
+        }
+    }
+
+    /// CGI, once the response is out: one bounded housekeeping step.
+    pub fn housekeep(&self) {
+        if let Some(store) = &self.store
+            && let Err(e) = store.housekeep()
+        {
+            log::warn!("replay store: housekeeping failed: {e}");
+        }
     }
 
     /// Answers one request, delivering its code to the configured bot.
@@ -98,14 +140,17 @@ impl Relay {
             Some(store) => {
                 store.deliver_once(&code, self.config.bot_timeout, || deliver(&state, &code))
             }
-            None => deliver(&state, &code).map(|reply| (reply, Delivery::First)),
+            None => deliver(&state, &code)
+                .map(|reply| (reply, Delivery::First))
+                .map_err(Undelivered::Bot),
         };
         let outcome = match result {
             Ok((reply, delivery)) => Outcome::Answered { reply, delivery },
-            Err(e) => {
+            Err(Undelivered::Bot(e)) => {
                 log::warn!("code={}: {e}", fingerprint(&code));
                 Outcome::BotFailed(e.kind())
             }
+            Err(Undelivered::Unconfirmed) => Outcome::Unconfirmed,
         };
         (outcome, Some(code))
     }
@@ -226,6 +271,35 @@ mod tests {
     fn cancel_says_so() {
         let (r, _) = run(&get("error=access_denied&state=s"), reply(true, ""));
         assert!(body(&r).contains("cancelled"));
+    }
+
+    /// A delivery that dies mid-way (here a panic, which releases the
+    /// entry's lock as a killed process does) leaves its intent; the same
+    /// code again, in another relay on the same store, is not delivered.
+    #[test]
+    fn a_code_whose_delivery_died_is_unconfirmed_not_sent_again() {
+        let dir = std::env::temp_dir().join(format!("tr-relay-died-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let with_store = || {
+            let mut config = Config::from_lookup(|_| None).unwrap_or_else(|e| panic!("{e}"));
+            config.state_dir = Some(dir.clone());
+            Relay::new(config).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let req = get("code=dies-mid-way&state=s");
+        let first = with_store();
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            first.handle_with(&req, |_, _| panic!("killed mid-delivery"))
+        }));
+        assert!(died.is_err());
+        let called = Cell::new(false);
+        let r = with_store().handle_with(&req, |_, _| {
+            called.set(true);
+            reply(true, "second delivery")
+        });
+        assert!(!called.get(), "the code was sent again");
+        assert_eq!(r.status, 502);
+        assert!(body(&r).contains("could not be confirmed"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -8,32 +8,78 @@
 //! answer, and a repeat that arrives while the first is still talking to
 //! the bot waits for it.
 //!
-//! The store is a directory so that every relay process shares it
-//! (mod_fcgid runs several): one file per code, named by the SHA-256 of
-//! the code so no code is ever written in clear. `flock` on that file
-//! gives single flight across threads and processes, and the file holds
-//! the answer (or the note of a failed delivery), written while the lock
-//! is held, so a reader, who takes the lock first, sees all of it or none.
-//! One file rather than a lock file plus an answer written to a temporary
-//! file and renamed: creating inodes is most of the store's cost, and the
-//! store is on the path of every sign-up.
+//! The store is one file of fixed size, `replay.table`, in a private
+//! directory that every relay process shares (mod_fcgid runs several). It
+//! is a hash table: a 4 KiB header, then buckets of [`PER_BUCKET`] slots of
+//! [`SLOT`] bytes, one bucket per 4 KiB page. A code's slot is found by
+//! the SHA-256 of a per-table random salt and the code, so no code is
+//! written in clear and nobody outside can aim codes at one bucket. A full
+//! bucket gives up its oldest entry: a flood costs the oldest replays,
+//! never the disk. The file is opened once per process and read and
+//! written with pread/pwrite.
+//!
+//! Single flight uses open-file-description byte-range locks, one byte per
+//! bucket (held while a slot is looked up or claimed, microseconds) and one
+//! per slot (held for the whole delivery), in a range past the end of the
+//! file. Those locks do not exclude threads sharing the descriptor, so the
+//! same ranges are also claimed in an in-process set with a condvar.
+//! Neither kind of lock wait can outlast the caller's deadline.
+//!
+//! Before the first byte goes to the bot the slot records the intent (the
+//! hash, "delivering", the time, the holder's pid), in the page cache,
+//! which outlives the process. A request that later finds an intent, no
+//! answer and a free slot lock knows the delivering process died mid-way:
+//! the bot may have the code, so it is not sent again; the player is told
+//! the outcome could not be confirmed ([`Undelivered::Unconfirmed`]).
 
-use std::fs::{self, File, OpenOptions};
+use std::collections::HashSet;
+use std::fmt;
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use log::warn;
-use serde::{Deserialize, Serialize};
+use crate::bot::{BotError, BotReply, FailureKind};
+use crate::fingerprint::sha256;
+use crate::sys;
+use log::{info, warn};
 
-use crate::bot::{BotError, BotReply};
-use crate::{fingerprint, sys};
+/// Bytes per entry.
+pub const SLOT: usize = 512;
+/// Entries per bucket: a bucket is one 4 KiB page, read in one pread.
+pub const PER_BUCKET: usize = 8;
+const BUCKET: usize = SLOT * PER_BUCKET;
+const HEADER: usize = 4096;
+/// Where a slot's fixed fields end and the bot's message begins.
+const MESSAGE_AT: usize = 64;
+/// The longest message kept whole; a longer one is kept cut, with "…".
+pub const MESSAGE_MAX: usize = SLOT - MESSAGE_AT;
 
-/// How often one process sweeps expired entries out of the directory.
-const SWEEP_EVERY: Duration = Duration::from_secs(60);
+const TABLE: &str = "replay.table";
+/// A table being made, renamed over [`TABLE`] once its header is written.
+const TABLE_NEW: &str = "replay.table.new";
+const MAGIC: &[u8; 8] = b"TRREPLAY";
+const VERSION: u32 = 1;
+
+/// Lock bytes lie past any file offset the table uses.
+const LOCKS: u64 = 1 << 50;
+const HEADER_LOCK: u64 = LOCKS - 1;
+
+/// One lap of housekeeping over the whole table takes the TTL, within
+/// these bounds: an expired entry is zeroed at most one lap after it
+/// expired, once steps run (every [`STEP_EVERY`] in the long-running
+/// modes; after each response in CGI).
+pub const SWEEP_LAP_MIN: Duration = Duration::from_secs(1);
+/// See [`SWEEP_LAP_MIN`].
+pub const SWEEP_LAP_MAX: Duration = Duration::from_secs(60);
+/// How often the long-running modes take a housekeeping step.
+pub const STEP_EVERY: Duration = Duration::from_secs(1);
 
 /// Whether the answer came from the bot just now or from the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,53 +90,317 @@ pub enum Delivery {
     Replayed,
 }
 
-/// The shared directory of answers, one file per code.
-pub struct Store {
-    dir: PathBuf,
-    ttl: Duration,
-    last_sweep: AtomicU64,
+/// Why a request got no answer of the bot's.
+#[derive(Debug)]
+pub enum Undelivered {
+    /// This delivery failed, or the one this request waited for did.
+    Bot(BotError),
+    /// An earlier delivery of this code began and its process died before
+    /// the answer was kept: the bot may have the code, so it is not sent
+    /// again.
+    Unconfirmed,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Entry {
-    /// Seconds since the Unix epoch when the bot answered.
+/// Why the store cannot be used.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The directory is not one the store may use (a symlink, not
+    /// private, holding files of others): a configuration error, the
+    /// relay refuses to start.
+    Refused(String),
+    /// The directory is fine but the table cannot be made or opened
+    /// (full disk, read-only file system): the relay runs without
+    /// duplicate protection.
+    Broken(io::Error),
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Refused(why) => f.write_str(why),
+            OpenError::Broken(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// The replay store, shared by every thread of a process.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    file: File,
+    /// The store's directory, for the removal of old-layout files.
+    dir: OwnedFd,
+    /// Whether files of the older layout may still be in the directory.
+    old_layout_left: AtomicBool,
+    buckets: u64,
+    salt: [u8; 16],
+    ttl: Duration,
+    /// Lock bytes this process holds: OFD locks do not tell its threads apart.
+    held: Mutex<HashSet<u64>>,
+    freed: Condvar,
+}
+
+/// What a slot holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Entry {
+    Empty,
+    /// A delivery began at `at` and has no outcome yet.
+    Delivering,
+    Answered(BotReply),
+    /// A delivery ended without an answer (never `Unavailable`: a refused
+    /// connection carried no code and leaves no entry).
+    Failed(FailureKind),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Slot {
+    hash: [u8; 32],
+    /// Nanoseconds since the epoch: when the delivery began, or ended.
     at: u64,
-    success: bool,
-    message: String,
+    /// The pid of the process that wrote the entry; for the log.
+    holder: u32,
+    entry: Entry,
+}
+
+const EMPTY: Slot = Slot {
+    hash: [0; 32],
+    at: 0,
+    holder: 0,
+    entry: Entry::Empty,
+};
+
+impl Slot {
+    fn encode(&self) -> [u8; SLOT] {
+        let mut b = [0u8; SLOT];
+        let (state, flag, message): (u8, u8, &[u8]) = match &self.entry {
+            Entry::Empty => return b,
+            Entry::Delivering => (1, 0, b""),
+            Entry::Answered(r) => (2, u8::from(r.success), r.message.as_bytes()),
+            Entry::Failed(kind) => (3, kind.to_byte(), b""),
+        };
+        let message = cut(message);
+        b[0] = state;
+        b[1] = flag;
+        b[2..4].copy_from_slice(&(message.len() as u16).to_le_bytes());
+        b[4..8].copy_from_slice(&self.holder.to_le_bytes());
+        b[8..16].copy_from_slice(&self.at.to_le_bytes());
+        b[16..48].copy_from_slice(&self.hash);
+        b[MESSAGE_AT..MESSAGE_AT + message.len()].copy_from_slice(&message);
+        b
+    }
+
+    /// Reads a slot; anything unreadable is an empty one.
+    fn decode(b: &[u8]) -> Slot {
+        if b.len() < SLOT {
+            return EMPTY;
+        }
+        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&b[16..48]);
+        let mut at = [0u8; 8];
+        at.copy_from_slice(&b[8..16]);
+        let mut holder = [0u8; 4];
+        holder.copy_from_slice(&b[4..8]);
+        let len = usize::from(u16_at(2)).min(MESSAGE_MAX);
+        let entry = match (b[0], b[1]) {
+            (1, _) => Entry::Delivering,
+            (2, flag @ (0 | 1)) => Entry::Answered(BotReply {
+                success: flag == 1,
+                message: String::from_utf8_lossy(&b[MESSAGE_AT..MESSAGE_AT + len]).into_owned(),
+            }),
+            (3, kind) => match FailureKind::from_byte(kind) {
+                Some(kind) => Entry::Failed(kind),
+                None => return EMPTY,
+            },
+            _ => return EMPTY,
+        };
+        Slot {
+            hash,
+            at: u64::from_le_bytes(at),
+            holder: u32::from_le_bytes(holder),
+            entry,
+        }
+    }
+
+    fn expired(&self, now: u64, ttl: Duration) -> bool {
+        self.entry == Entry::Empty || self.at.saturating_add(nanos(ttl)) < now
+    }
+}
+
+/// A message that fits a slot, cut at a character boundary with "…" when
+/// it does not.
+fn cut(message: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if message.len() <= MESSAGE_MAX {
+        return message.into();
+    }
+    const ELLIPSIS: &str = "…";
+    let mut end = MESSAGE_MAX - ELLIPSIS.len();
+    // Back up to the start of a UTF-8 character (not a continuation byte).
+    while end > 0 && message[end] & 0xC0 == 0x80 {
+        end -= 1;
+    }
+    let mut out = message[..end].to_vec();
+    out.extend_from_slice(ELLIPSIS.as_bytes());
+    out.into()
+}
+
+/// The entry for `hash` in a bucket that still counts, if any: one within
+/// the TTL, one written since the request began (it waited for it), or a
+/// delivery that may still be going on (whatever the TTL: its lock says).
+fn find(slots: &[Slot], hash: &[u8; 32], now: u64, ttl: Duration, asked: u64) -> Option<usize> {
+    slots.iter().position(|s| {
+        &s.hash == hash
+            && s.entry != Entry::Empty
+            && (s.entry == Entry::Delivering || s.at >= asked || !s.expired(now, ttl))
+    })
+}
+
+/// The slots a new entry may take, best first: empty or expired ones, then
+/// the oldest live ones ("oldest first" within a bucket).
+fn victims(slots: &[Slot], now: u64, ttl: Duration) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..slots.len()).collect();
+    order.sort_by_key(|&i| (!slots[i].expired(now, ttl), slots[i].at));
+    order
+}
+
+/// What a request does with the entry it found for its code, holding the
+/// entry's lock. `asked` is when the request began.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Replay(BotReply),
+    /// The delivery this request waited for failed: answer the same.
+    Fail(FailureKind),
+    Unconfirmed,
+    Deliver,
+}
+
+fn verdict(slot: &Slot, now: u64, ttl: Duration, asked: u64) -> Verdict {
+    // Whatever happened while this request waited counts, even past the TTL.
+    let fresh = slot.at >= asked || !slot.expired(now, ttl);
+    match &slot.entry {
+        Entry::Answered(reply) if fresh => Verdict::Replay(reply.clone()),
+        // The lock is free, so whoever began this delivery is gone.
+        Entry::Delivering if fresh => Verdict::Unconfirmed,
+        // A failure that ended while this request waited: the bot may hold
+        // the code, so answer as that delivery did. One from before this
+        // request began (a reload after a 504) tries again.
+        Entry::Failed(kind) if slot.at >= asked => Verdict::Fail(*kind),
+        _ => Verdict::Deliver,
+    }
+}
+
+/// How a request goes on after looking its code up.
+enum Claim<'a> {
+    Done(Result<(BotReply, Delivery), Undelivered>),
+    /// This request delivers; the guard holds the slot with its intent.
+    Deliver(Locked<'a>, u64),
+    /// Every slot of the bucket stayed in the middle of a delivery until
+    /// the deadline.
+    NoRoom,
+}
+
+/// A lock byte held by this thread: released (and waiters woken) on drop.
+struct Locked<'a> {
+    inner: &'a Inner,
+    byte: u64,
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        // Unlocking cannot fail on a valid descriptor; and the lock goes
+        // with the process anyway.
+        let _ = sys::unlock_byte(&self.inner.file, self.byte);
+        self.inner.held_set().remove(&self.byte);
+        self.inner.freed.notify_all();
+    }
 }
 
 impl Store {
-    /// Opens (creating it if needed) a private directory. One that others
-    /// can write to is refused: they could plant answers.
-    pub fn open(dir: &Path, ttl: Duration) -> io::Result<Store> {
-        match fs::DirBuilder::new()
-            .mode(0o700)
-            .recursive(true)
-            .create(dir)
-        {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-        let meta = fs::metadata(dir)?;
+    /// Opens the store in `dir`, creating the directory (0700) if it is
+    /// missing and the table if it is missing or was made for another
+    /// size. The directory must be the store's own: not a symlink, mode
+    /// 0700 (no group or other bits), owned by this user, and holding no
+    /// names but the store's.
+    pub fn open(dir: &Path, ttl: Duration, max_entries: usize) -> Result<Store, OpenError> {
+        let dir_fd = open_dir(dir)?;
+        let refuse = |why: String| {
+            OpenError::Refused(format!(
+                "REGISTER_STATE_DIR={:?} cannot be used: {why}",
+                dir.display().to_string()
+            ))
+        };
+        let meta = File::from(dir_fd.try_clone().map_err(OpenError::Broken)?)
+            .metadata()
+            .map_err(|e| refuse(e.to_string()))?;
         let uid = sys::effective_uid();
-        if !meta.is_dir() {
-            return Err(io::Error::other("not a directory"));
+        if meta.uid() != uid || meta.mode() & 0o077 != 0 {
+            return Err(refuse(format!(
+                "it must be private to the relay's user (uid {uid}, mode 0700), \
+                 and is owned by uid {} with mode {:04o}",
+                meta.uid(),
+                meta.mode() & 0o7777
+            )));
         }
-        if meta.uid() != uid || meta.mode() & 0o022 != 0 {
-            return Err(io::Error::other(
-                "not private: it must belong to the relay's user and not be group- or world-writable",
-            ));
+        let names = sys::list_dir(&dir_fd).map_err(|e| refuse(e.to_string()))?;
+        let foreign: Vec<String> = names
+            .iter()
+            .filter(|n| !ours(n) && !old_layout(n))
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect();
+        if !foreign.is_empty() {
+            let shown: Vec<&str> = foreign.iter().take(3).map(String::as_str).collect();
+            return Err(refuse(format!(
+                "it holds {} file(s) that are not the replay store's ({}{}); \
+                 give the store a directory of its own",
+                foreign.len(),
+                shown.join(", "),
+                if foreign.len() > 3 { ", …" } else { "" }
+            )));
         }
-        // Whether files can be made there (a read-only file system says no
-        // here), asked without making one: in CGI mode this runs for every
-        // request, and creating and deleting a file is the slow part of
-        // the store.
-        sys::can_create_in(dir)?;
+        // The store's own names must be files it made: a symlink or a
+        // directory there was put by someone else, and would otherwise
+        // switch the protection off on every request.
+        for name in names.iter().filter(|n| ours(n)) {
+            let path = dir.join(std::ffi::OsStr::from_bytes(name));
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.file_type().is_file() => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                _ => {
+                    return Err(refuse(format!(
+                        "{} in it is not a file the replay store made; remove it",
+                        String::from_utf8_lossy(name)
+                    )));
+                }
+            }
+        }
+        // Files of the one-file-per-code layout of earlier versions are the
+        // store's own, and of no use to the table: housekeeping removes
+        // them, a batch at a time, off the request path.
+        let old_layout_left = names.iter().any(|n| old_layout(n));
+        let wanted = max_entries.div_ceil(PER_BUCKET).max(1) as u64;
+        let (file, salt, buckets) = open_table(&dir_fd, wanted).map_err(OpenError::Broken)?;
+        if buckets != wanted {
+            warn!(
+                "replay store: REGISTER_REPLAY_MAX is {max_entries} but replay.table holds {} \
+                 entries, and relays may be using it: it keeps its size until it is removed \
+                 with every relay stopped",
+                buckets * PER_BUCKET as u64
+            );
+        }
         Ok(Store {
-            dir: dir.to_path_buf(),
-            ttl,
-            last_sweep: AtomicU64::new(now_secs()),
+            inner: Arc::new(Inner {
+                file,
+                dir: dir_fd,
+                old_layout_left: AtomicBool::new(old_layout_left),
+                buckets,
+                salt,
+                ttl,
+                held: Mutex::new(HashSet::new()),
+                freed: Condvar::new(),
+            }),
         })
     }
 
@@ -99,243 +409,617 @@ impl Store {
     /// first answer is returned. `wait` bounds how long a repeat waits for
     /// the one in flight.
     ///
-    /// A store that fails (full disk, permissions) costs the duplicate
+    /// A store that fails (full disk, I/O error) costs the duplicate
     /// protection, never the registration: the code is delivered anyway.
     pub fn deliver_once<F>(
         &self,
         code: &str,
         wait: Duration,
         deliver: F,
-    ) -> Result<(BotReply, Delivery), BotError>
+    ) -> Result<(BotReply, Delivery), Undelivered>
     where
         F: FnOnce() -> Result<BotReply, BotError>,
     {
-        self.maybe_sweep();
-        let key = key(code);
-        let asked = now_nanos();
-        let (file, len) = match self.lock(&key, wait) {
-            Ok(Some(locked)) => locked,
-            // Still held by a request in flight past the bound: sending the
-            // code again would only make the bot refuse it.
-            Ok(None) => return Err(BotError::Timeout),
+        let inner = &*self.inner;
+        let hash = inner.hash(code);
+        let deadline = Instant::now() + wait;
+        let unprotected = |deliver: F| {
+            deliver()
+                .map(|r| (r, Delivery::First))
+                .map_err(Undelivered::Bot)
+        };
+        let (guard, offset) = match inner.claim(&hash, deadline) {
+            Ok(Claim::Done(result)) => return result,
+            Ok(Claim::Deliver(guard, offset)) => (guard, offset),
+            // The code was not sent: the player may try again (503).
+            Ok(Claim::NoRoom) => {
+                warn!(
+                    "replay store: every slot of this code's bucket stayed in a delivery \
+                     past the wait; the code was not sent"
+                );
+                return Err(Undelivered::Bot(BotError::Unavailable(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "every replay slot of this code's bucket was in a delivery",
+                ))));
+            }
             Err(e) => {
                 warn!(
-                    "replay store: cannot lock an entry, delivering without duplicate protection: {e}"
+                    "replay store: cannot claim an entry, delivering without duplicate protection: {e}"
                 );
-                return deliver().map(|r| (r, Delivery::First));
+                return unprotected(deliver);
             }
         };
-        // A new file is empty: the usual case costs no read.
-        match self.read(&file, len) {
-            Some(Saved::Answer(entry)) => {
-                drop(file);
-                return Ok((
-                    BotReply {
-                        success: entry.success,
-                        message: entry.message,
-                    },
-                    Delivery::Replayed,
-                ));
-            }
-            // A delivery of this code ended without an answer while this
-            // request waited for the lock. The bot may have the code, so
-            // sending it again would only get it refused: answer as that
-            // delivery did. A reload after the failure tries again.
-            Some(Saved::Failed { at, status }) if at >= asked => {
-                return Err(match status {
-                    504 => BotError::Timeout,
-                    _ => BotError::Closed,
-                });
-            }
-            _ => {}
-        }
-        let reply = match deliver() {
-            Ok(reply) => reply,
-            Err(e) => {
-                // A refused connection never carried the code: nothing to remember.
-                if !matches!(e, BotError::Unavailable(_))
-                    && let Err(w) = save(
-                        &file,
-                        len,
-                        format!(
-                            "{} {}",
-                            now_nanos(),
-                            crate::outcome::Outcome::BotFailed(e.kind()).status()
-                        )
-                        .as_bytes(),
-                    )
-                {
-                    warn!("replay store: cannot note a failed delivery: {w}");
-                }
-                return Err(e);
-            }
+        let result = deliver();
+        let entry = match &result {
+            Ok(reply) => Some(Entry::Answered(reply.clone())),
+            // A refused connection never carried the code: nothing to keep.
+            Err(BotError::Unavailable(_)) => None,
+            Err(e) => Some(Entry::Failed(e.kind())),
         };
-        if let Err(e) = self.write(&file, len, &reply) {
+        let slot = match entry {
+            Some(entry) => Slot {
+                hash,
+                at: now_nanos(),
+                holder: std::process::id(),
+                entry,
+            },
+            None => EMPTY,
+        };
+        if let Err(e) = inner.write_slot(offset, &slot) {
             warn!(
-                "replay store: cannot save an answer, a repeat of this code will reach the bot again: {e}"
+                "replay store: cannot keep the outcome, a repeat of this code may be told it is unconfirmed: {e}"
             );
         }
-        drop(file);
-        Ok((reply, Delivery::First))
+        drop(guard);
+        result
+            .map(|r| (r, Delivery::First))
+            .map_err(Undelivered::Bot)
     }
 
-    /// Takes the entry's lock, or `None` if it stays held past `wait`;
-    /// with the file, the length of what it holds.
-    fn lock(&self, key: &str, wait: Duration) -> io::Result<Option<(File, u64)>> {
-        let path = self.dir.join(format!("{key}.entry"));
-        let deadline = Instant::now() + wait;
-        let mut pause = Duration::from_millis(2);
-        loop {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path)?;
-            while !sys::try_lock_exclusive(&file)? {
-                if Instant::now() + pause > deadline {
-                    return Ok(None);
+    /// One housekeeping step: zeroes the expired entries of the buckets
+    /// whose turn has come since the last step of any process (the whole
+    /// table once per lap, at most one lap per step). Never on a request's
+    /// path: CGI runs it after its response is out, the long-running modes
+    /// on a background thread.
+    pub fn housekeep(&self) -> io::Result<()> {
+        self.inner.housekeep()
+    }
+
+    /// Starts a low-priority thread that takes a housekeeping step every
+    /// [`STEP_EVERY`] for as long as the store lives.
+    pub fn start_housekeeping(&self) {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let spawned = thread::Builder::new()
+            .name("replay-housekeeping".into())
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                sys::lower_thread_priority();
+                let mut warned = false;
+                loop {
+                    thread::sleep(STEP_EVERY);
+                    let Some(inner) = weak.upgrade() else { return };
+                    match inner.housekeep() {
+                        Ok(()) => warned = false,
+                        Err(e) if !warned => {
+                            warn!("replay store: housekeeping failed: {e}");
+                            warned = true;
+                        }
+                        Err(_) => {}
+                    }
                 }
-                thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(20));
+            });
+        if let Err(e) = spawned {
+            warn!("replay store: no housekeeping thread, expired entries stay until evicted: {e}");
+        }
+    }
+}
+
+impl Inner {
+    fn hash(&self, code: &str) -> [u8; 32] {
+        sha256(&[&self.salt, code.as_bytes()])
+    }
+
+    fn bucket_of(&self, hash: &[u8; 32]) -> u64 {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&hash[..8]);
+        u64::from_le_bytes(first) % self.buckets
+    }
+
+    fn held_set(&self) -> MutexGuard<'_, HashSet<u64>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes lock byte `byte` if nobody holds it, in this process or another.
+    fn try_lock(&self, byte: u64) -> io::Result<Option<Locked<'_>>> {
+        if !self.held_set().insert(byte) {
+            return Ok(None);
+        }
+        match sys::try_lock_byte(&self.file, byte) {
+            Ok(true) => Ok(Some(Locked { inner: self, byte })),
+            other => {
+                self.held_set().remove(&byte);
+                self.freed.notify_all();
+                other.map(|_| None)
             }
-            // The sweeper may have unlinked the file between our open and
-            // our lock (it unlinks only while holding the lock, and nothing
-            // else renames or unlinks entries); a lock on a removed file
-            // guards nothing.
-            let meta = file.metadata()?;
-            if meta.nlink() > 0 {
-                return Ok(Some((file, meta.len())));
+        }
+    }
+
+    /// Takes lock byte `byte`, waiting for it until `deadline`: `None` if
+    /// it is still held then. fcntl has no timed wait, so another
+    /// process's lock is polled.
+    fn lock(&self, byte: u64, deadline: Instant) -> io::Result<Option<Locked<'_>>> {
+        let mut pause = Duration::from_millis(1);
+        loop {
+            {
+                let mut held = self.held_set();
+                while held.contains(&byte) {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    held = self
+                        .freed
+                        .wait_timeout(held, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
             }
-        }
-    }
-
-    /// What the locked file holds: an answer still within the TTL, or the
-    /// note of a failed delivery.
-    fn read(&self, file: &File, len: u64) -> Option<Saved> {
-        if len == 0 || len > MAX_ENTRY {
-            return None;
-        }
-        let mut bytes = vec![0; usize::try_from(len).ok()?];
-        file.read_exact_at(&mut bytes, 0).ok()?;
-        if bytes.first() == Some(&b'{') {
-            let entry: Entry = serde_json::from_slice(&bytes).ok()?;
-            return (entry.at + self.ttl.as_secs() >= now_secs()).then_some(Saved::Answer(entry));
-        }
-        let text = std::str::from_utf8(&bytes).ok()?;
-        let (at, status) = text.trim().split_once(' ')?;
-        Some(Saved::Failed {
-            at: at.parse().ok()?,
-            status: status.parse().ok()?,
-        })
-    }
-
-    fn write(&self, file: &File, len: u64, reply: &BotReply) -> io::Result<()> {
-        let entry = Entry {
-            at: now_secs(),
-            success: reply.success,
-            message: reply.message.clone(),
-        };
-        let bytes = serde_json::to_vec(&entry).map_err(io::Error::other)?;
-        save(file, len, &bytes)
-    }
-
-    /// Removes expired entries, at most once a minute per process, so the
-    /// directory stays small without a separate cleaner.
-    fn maybe_sweep(&self) {
-        let now = now_secs();
-        let last = self.last_sweep.load(Ordering::Relaxed);
-        if now < last + SWEEP_EVERY.as_secs()
-            || self
-                .last_sweep
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            return;
-        }
-        if let Err(e) = self.sweep() {
-            warn!("replay store: sweep failed: {e}");
-        }
-    }
-
-    /// Removes every entry older than the TTL.
-    pub fn sweep(&self) -> io::Result<()> {
-        let cutoff = SystemTime::now() - self.ttl;
-        for item in fs::read_dir(&self.dir)? {
-            let item = item?;
-            let path = item.path();
-            let Ok(meta) = item.metadata() else { continue };
-            if meta.modified().map_or(true, |m| m > cutoff) {
-                continue;
+            if let Some(locked) = self.try_lock(byte)? {
+                return Ok(Some(locked));
             }
-            // Only unlink an entry nobody holds, and unlink it while
-            // holding it, so a waiter never ends up on a dead file. (Files
-            // of an older layout, .lock/.json/.tmp/.failed, go the same way.)
-            let Ok(file) = File::open(&path) else {
-                continue;
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    fn bucket_lock(&self, bucket: u64) -> u64 {
+        LOCKS + bucket * 16
+    }
+
+    fn slot_lock(&self, bucket: u64, i: usize) -> u64 {
+        LOCKS + bucket * 16 + 1 + i as u64
+    }
+
+    fn slot_offset(&self, bucket: u64, i: usize) -> u64 {
+        (HEADER + i * SLOT) as u64 + bucket * BUCKET as u64
+    }
+
+    fn read_bucket(&self, bucket: u64) -> io::Result<Vec<Slot>> {
+        let mut page = vec![0u8; BUCKET];
+        read_at(&self.file, &mut page, self.slot_offset(bucket, 0))?;
+        Ok(page.chunks(SLOT).map(Slot::decode).collect())
+    }
+
+    fn read_slot(&self, offset: u64) -> io::Result<Slot> {
+        let mut b = [0u8; SLOT];
+        read_at(&self.file, &mut b, offset)?;
+        Ok(Slot::decode(&b))
+    }
+
+    fn write_slot(&self, offset: u64, slot: &Slot) -> io::Result<()> {
+        self.file.write_all_at(&slot.encode(), offset)
+    }
+
+    /// Finds the code's entry, or claims a slot for it and writes the
+    /// intent to deliver, so that other requests for the code find it.
+    fn claim(&self, hash: &[u8; 32], deadline: Instant) -> io::Result<Claim<'_>> {
+        let asked = now_nanos();
+        let bucket = self.bucket_of(hash);
+        let mut room_pause = Duration::from_millis(1);
+        loop {
+            let Some(bucket_guard) = self.lock(self.bucket_lock(bucket), deadline)? else {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "a bucket stayed locked past the wait",
+                ));
             };
-            if sys::try_lock_exclusive(&file).unwrap_or(false) {
-                let _ = fs::remove_file(&path);
+            let now = now_nanos();
+            let slots = self.read_bucket(bucket)?;
+            let (i, guard) = match find(&slots, hash, now, self.ttl, asked) {
+                Some(i) => match self.try_lock(self.slot_lock(bucket, i))? {
+                    Some(guard) => (i, guard),
+                    None => {
+                        // In flight: wait for it without holding the bucket.
+                        drop(bucket_guard);
+                        match self.lock(self.slot_lock(bucket, i), deadline)? {
+                            Some(guard) => (i, guard),
+                            // Still held past the bound: sending the code
+                            // again would only make the bot refuse it.
+                            None => {
+                                return Ok(Claim::Done(Err(Undelivered::Bot(BotError::Timeout))));
+                            }
+                        }
+                    }
+                },
+                None => {
+                    for i in victims(&slots, now, self.ttl) {
+                        if let Some(guard) = self.try_lock(self.slot_lock(bucket, i))? {
+                            let offset = self.slot_offset(bucket, i);
+                            self.write_intent(offset, hash)?;
+                            drop(bucket_guard);
+                            return Ok(Claim::Deliver(guard, offset));
+                        }
+                    }
+                    // Every slot is in a delivery. Delivering without an
+                    // entry would let a repeat of this code through too:
+                    // wait, without the bucket, for one to end.
+                    drop(bucket_guard);
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Ok(Claim::NoRoom);
+                    }
+                    thread::sleep(room_pause.min(deadline - now));
+                    room_pause = (room_pause * 2).min(Duration::from_millis(20));
+                    continue;
+                }
+            };
+            let offset = self.slot_offset(bucket, i);
+            // Read again under the slot's lock: its holder may have written
+            // the outcome, or (after a wait) the slot gone to another code.
+            let slot = self.read_slot(offset)?;
+            if &slot.hash != hash || slot.entry == Entry::Empty {
+                continue;
+            }
+            let result = match verdict(&slot, now_nanos(), self.ttl, asked) {
+                Verdict::Replay(reply) => Ok((reply, Delivery::Replayed)),
+                Verdict::Fail(kind) => Err(Undelivered::Bot(kind.error())),
+                Verdict::Unconfirmed => {
+                    warn!(
+                        "replay store: the delivery of this code by pid {} ended without an answer",
+                        slot.holder
+                    );
+                    Err(Undelivered::Unconfirmed)
+                }
+                Verdict::Deliver => {
+                    self.write_intent(offset, hash)?;
+                    return Ok(Claim::Deliver(guard, offset));
+                }
+            };
+            return Ok(Claim::Done(result));
+        }
+    }
+
+    fn write_intent(&self, offset: u64, hash: &[u8; 32]) -> io::Result<()> {
+        self.write_slot(
+            offset,
+            &Slot {
+                hash: *hash,
+                at: now_nanos(),
+                holder: std::process::id(),
+                entry: Entry::Delivering,
+            },
+        )
+    }
+
+    fn housekeep(&self) -> io::Result<()> {
+        if self.old_layout_left.load(Ordering::Relaxed) {
+            self.remove_old_layout()?;
+        }
+        let Some(header_guard) = self.try_lock(HEADER_LOCK)? else {
+            return Ok(()); // another thread or process is at it
+        };
+        let mut state = [0u8; 16];
+        read_at(&self.file, &mut state, SWEEP_STATE as u64)?;
+        let cursor = u64::from_le_bytes(state[..8].try_into().unwrap_or_default()) % self.buckets;
+        let last = u64::from_le_bytes(state[8..].try_into().unwrap_or_default());
+        let now = now_nanos();
+        let lap = self.ttl.clamp(SWEEP_LAP_MIN, SWEEP_LAP_MAX);
+        let (from, count, next_last) = sweep_turn(cursor, last, now, self.buckets, lap);
+        if count == 0 {
+            return Ok(());
+        }
+        state[..8].copy_from_slice(&((from + count) % self.buckets).to_le_bytes());
+        state[8..].copy_from_slice(&next_last.to_le_bytes());
+        self.file.write_all_at(&state, SWEEP_STATE as u64)?;
+        drop(header_guard);
+        for k in 0..count {
+            self.sweep_bucket((from + k) % self.buckets)?;
+        }
+        Ok(())
+    }
+
+    /// Removes up to [`OLD_LAYOUT_BATCH`] files of the older layout, if no
+    /// other process is at it (the directory's flock), so that an upgrade
+    /// over millions of them costs no request more than a bounded step.
+    fn remove_old_layout(&self) -> io::Result<()> {
+        if !sys::try_lock_exclusive(&self.dir)? {
+            return Ok(());
+        }
+        let removed = (|| -> io::Result<usize> {
+            let names = sys::list_dir(&self.dir)?;
+            let old: Vec<&Vec<u8>> = names
+                .iter()
+                .filter(|n| old_layout(n))
+                .take(OLD_LAYOUT_BATCH)
+                .collect();
+            for name in &old {
+                let _ = sys::unlink_at(&self.dir, name);
+            }
+            Ok(old.len())
+        })();
+        let _ = sys::unlock_exclusive(&self.dir);
+        let removed = removed?;
+        if removed < OLD_LAYOUT_BATCH {
+            self.old_layout_left.store(false, Ordering::Relaxed);
+        }
+        if removed > 0 {
+            info!("replay store: removed {removed} file(s) of the older one-file-per-code layout");
+        }
+        Ok(())
+    }
+
+    /// Zeroes the expired entries of one bucket that nobody holds.
+    fn sweep_bucket(&self, bucket: u64) -> io::Result<()> {
+        let expired = |slots: &[Slot], now| {
+            (0..slots.len())
+                .filter(|&i| slots[i].entry != Entry::Empty && slots[i].expired(now, self.ttl))
+                .collect::<Vec<_>>()
+        };
+        // Most buckets have nothing to do: look before locking.
+        if expired(&self.read_bucket(bucket)?, now_nanos()).is_empty() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + Duration::from_millis(100);
+        let Some(_bucket_guard) = self.lock(self.bucket_lock(bucket), deadline)? else {
+            return Ok(()); // busy: next lap
+        };
+        for i in expired(&self.read_bucket(bucket)?, now_nanos()) {
+            if let Some(_slot_guard) = self.try_lock(self.slot_lock(bucket, i))? {
+                self.write_slot(self.slot_offset(bucket, i), &EMPTY)?;
             }
         }
         Ok(())
     }
 }
 
-/// What an entry file holds.
-enum Saved {
-    Answer(Entry),
-    /// A delivery that ended without an answer, at `at` (ns since the
-    /// epoch), as the status it got: a time-out (504) or a bad answer (502).
-    Failed {
-        at: u128,
-        status: u16,
-    },
+/// How many files of the older layout one housekeeping step removes.
+const OLD_LAYOUT_BATCH: usize = 2000;
+
+/// Where the header keeps the housekeeping cursor (8 bytes, the next bucket)
+/// and the time of the last step (8 bytes, ns since the epoch).
+const SWEEP_STATE: usize = 64;
+
+/// Which buckets a housekeeping step sweeps: `(first, count, new last)`.
+/// Buckets come due at `buckets` per `lap` since the last step,
+/// at most one lap at a time; the time of the part of a bucket not yet due
+/// is carried over rather than lost.
+fn sweep_turn(cursor: u64, last: u64, now: u64, buckets: u64, lap: Duration) -> (u64, u64, u64) {
+    let lap = nanos(lap).max(1);
+    let since = now.saturating_sub(last);
+    // A last step in the future means the clock went back (an RTC that was
+    // ahead, a restored snapshot): waiting for it to catch up would stop
+    // the sweeping for as long, so the time starts again from now.
+    if last > now || since >= lap {
+        return (cursor, buckets, now);
+    }
+    let due = u64::try_from(u128::from(since) * u128::from(buckets) / u128::from(lap))
+        .unwrap_or(buckets)
+        .min(buckets);
+    let used =
+        u64::try_from(u128::from(due) * u128::from(lap) / u128::from(buckets)).unwrap_or(since);
+    (cursor, due, last + used)
 }
 
-/// Far more than an answer (the bot's reply is at most 64 KiB): a longer
-/// file is not one of ours and is delivered over.
-const MAX_ENTRY: u64 = 256 * 1024;
+fn ours(name: &[u8]) -> bool {
+    name == TABLE.as_bytes() || name == TABLE_NEW.as_bytes()
+}
 
-/// Replaces the locked file's content (`len` bytes) with `bytes`, in one
-/// write, shortening the file only when it held more.
-fn save(file: &File, len: u64, bytes: &[u8]) -> io::Result<()> {
-    file.write_all_at(bytes, 0)?;
-    let new_len = bytes.len() as u64;
-    if len > new_len {
-        file.set_len(new_len)?;
+/// A file of the one-file-per-code layout: 64 hex digits, then `.entry`
+/// (or, older still, `.lock`, `.json`, `.tmp`, `.failed`).
+fn old_layout(name: &[u8]) -> bool {
+    let (hex, rest) = name.split_at(name.len().min(64));
+    hex.len() == 64
+        && hex
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        && matches!(
+            rest,
+            b"" | b".entry" | b".lock" | b".json" | b".tmp" | b".failed"
+        )
+}
+
+/// Opens the directory without following a symlink in its last
+/// component, creating it (0700, its parent must exist) if missing.
+fn open_dir(dir: &Path) -> Result<OwnedFd, OpenError> {
+    let refuse = |why: &str| {
+        OpenError::Refused(format!(
+            "REGISTER_STATE_DIR={:?} cannot be used: {why}",
+            dir.display().to_string()
+        ))
+    };
+    if dir.as_os_str().as_bytes().contains(&0) {
+        return Err(refuse("the path holds a NUL byte"));
+    }
+    // Apache runs CGI and mod_fcgid processes in different working
+    // directories: a relative path would give each its own store.
+    if !dir.is_absolute() {
+        return Err(refuse("name it by an absolute path"));
+    }
+    // "link/" or "link/." would have the kernel follow the symlink before
+    // O_NOFOLLOW looks at the last name: drop trailing slashes and dots.
+    let normal: PathBuf = dir.components().collect();
+    if normal.file_name().is_none() {
+        return Err(refuse(
+            "name the directory itself, not / or a path ending in ..",
+        ));
+    }
+    let dir = normal.as_path();
+    match sys::open_dir(dir) {
+        Ok(fd) => return Ok(fd),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            let is_link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+            if is_link {
+                return Err(refuse("it is a symbolic link; name the real directory"));
+            }
+            if e.kind() == io::ErrorKind::NotADirectory {
+                return Err(refuse("it is not a directory"));
+            }
+            return Err(refuse(&e.to_string()));
+        }
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(refuse("its parent directory does not exist"));
+        }
+        Err(e) => return Err(refuse(&format!("cannot create it: {e}"))),
+    }
+    sys::open_dir(dir).map_err(|e| refuse(&e.to_string()))
+}
+
+/// Opens the table, or makes a new one when there is none or it was made
+/// for another size: with the directory locked, so that relays starting
+/// together agree on one file.
+fn open_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sys::try_lock_exclusive(dir)? {
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the store directory stayed locked",
+            ));
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let result = open_or_make_table(dir, buckets);
+    let _ = sys::unlock_exclusive(dir);
+    result
+}
+
+/// An existing, whole table is used at the size in its header, whatever
+/// `buckets` asks: relays that still have it open would otherwise keep
+/// using a file no longer in the directory, and a code could reach the
+/// bot once through each table.
+fn open_or_make_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> {
+    let size_of = |b: u64| (HEADER as u64).saturating_add(b.saturating_mul(BUCKET as u64));
+    match sys::open_at(dir, TABLE.as_bytes(), false) {
+        Ok(fd) => {
+            let file = File::from(fd);
+            let meta = file.metadata()?;
+            let mut header = [0u8; 64];
+            if meta.is_file()
+                && read_at(&file, &mut header, 0).is_ok()
+                && let Some((b, salt)) = parse_header(&header)
+                && b > 0
+                && meta.len() == size_of(b)
+            {
+                return Ok((file, salt, b));
+            }
+            info!(
+                "replay store: replay.table is not a whole table; making a new one for {} \
+                 entries, earlier answers are not kept",
+                buckets * PER_BUCKET as u64
+            );
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let size = size_of(buckets);
+    let file = File::from(sys::open_at(dir, TABLE_NEW.as_bytes(), true)?);
+    let made = (|| {
+        file.set_len(size)?;
+        let salt = random_salt();
+        let mut header = [0u8; SWEEP_STATE + 16];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        header[12..16].copy_from_slice(&(SLOT as u32).to_le_bytes());
+        header[16..20].copy_from_slice(&(PER_BUCKET as u32).to_le_bytes());
+        header[24..32].copy_from_slice(&buckets.to_le_bytes());
+        header[32..48].copy_from_slice(&salt);
+        header[SWEEP_STATE + 8..].copy_from_slice(&now_nanos().to_le_bytes());
+        file.write_all_at(&header, 0)?;
+        sys::rename_at(dir, TABLE_NEW.as_bytes(), TABLE.as_bytes())?;
+        Ok(salt)
+    })();
+    match made {
+        Ok(salt) => Ok((file, salt, buckets)),
+        Err(e) => {
+            let _ = sys::unlink_at(dir, TABLE_NEW.as_bytes());
+            Err(e)
+        }
+    }
+}
+
+fn parse_header(h: &[u8; 64]) -> Option<(u64, [u8; 16])> {
+    let u32_at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+    if &h[..8] != MAGIC
+        || u32_at(8) != VERSION
+        || u32_at(12) as usize != SLOT
+        || u32_at(16) as usize != PER_BUCKET
+    {
+        return None;
+    }
+    let buckets = u64::from_le_bytes(h[24..32].try_into().ok()?);
+    let salt: [u8; 16] = h[32..48].try_into().ok()?;
+    Some((buckets, salt))
+}
+
+fn random_salt() -> [u8; 16] {
+    let mut salt = [0u8; 16];
+    let from_kernel = File::open("/dev/urandom").and_then(|f| f.read_exact_at(&mut salt, 0));
+    if from_kernel.is_err() {
+        // Without /dev/urandom the salt still differs per table.
+        let seed = format!("{}-{}", now_nanos(), std::process::id());
+        salt.copy_from_slice(&sha256(&[seed.as_bytes()])[..16]);
+    }
+    salt
+}
+
+/// pread of the whole buffer; past the end of the file reads as zeros.
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
 
-/// The file name for a code: its SHA-256 in hex.
-fn key(code: &str) -> String {
-    fingerprint::sha256_hex(code.as_bytes())
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-fn now_nanos() -> u128 {
+fn now_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, nanos)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicUsize;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    fn temp_store(name: &str, ttl: Duration) -> (Store, PathBuf) {
+    const TTL: Duration = Duration::from_secs(600);
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// A fresh, private directory (not yet holding a store).
+    fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("tr-replay-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        (Store::open(&dir, ttl).unwrap(), dir)
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        dir
+    }
+
+    fn open(dir: &Path, ttl: Duration, max: usize) -> Store {
+        Store::open(dir, ttl, max).unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn ok(msg: &str) -> Result<BotReply, BotError> {
@@ -345,174 +1029,622 @@ mod tests {
         })
     }
 
-    #[test]
-    fn second_delivery_is_replayed() {
-        let (store, dir) = temp_store("seq", Duration::from_secs(600));
-        let wait = Duration::from_secs(1);
-        let (r, d) = store
-            .deliver_once("code-1", wait, || ok("welcome"))
-            .unwrap();
-        assert_eq!((r.message.as_str(), d), ("welcome", Delivery::First));
-        let (r, d) = store
-            .deliver_once("code-1", wait, || panic!("bot contacted twice"))
-            .unwrap();
-        assert_eq!((r.message.as_str(), d), ("welcome", Delivery::Replayed));
-        let (_, d) = store.deliver_once("code-2", wait, || ok("other")).unwrap();
-        assert_eq!(d, Delivery::First);
-        // Nothing in the directory names a code.
-        for item in fs::read_dir(&dir).unwrap() {
-            let name = item.unwrap().file_name().into_string().unwrap();
-            assert!(!name.contains("code"), "{name}");
-            let body = fs::read_to_string(dir.join(&name)).unwrap();
-            assert!(!body.contains("code-"), "{body}");
+    fn message(r: Result<(BotReply, Delivery), Undelivered>) -> (String, Delivery) {
+        match r {
+            Ok((reply, d)) => (reply.message, d),
+            Err(e) => panic!("no answer: {e:?}"),
         }
+    }
+
+    fn slot(hash: u8, at: u64, entry: Entry) -> Slot {
+        Slot {
+            hash: [hash; 32],
+            at,
+            holder: 7,
+            entry,
+        }
+    }
+
+    fn answered(text: &str) -> Entry {
+        Entry::Answered(BotReply {
+            success: true,
+            message: text.into(),
+        })
+    }
+
+    // -- the plain logic -------------------------------------------------
+
+    #[test]
+    fn a_slot_reads_back_as_written() {
+        for entry in [
+            Entry::Delivering,
+            answered("Welcome ✓"),
+            Entry::Answered(BotReply {
+                success: false,
+                message: String::new(),
+            }),
+            Entry::Failed(FailureKind::Timeout),
+            Entry::Failed(FailureKind::Invalid),
+            Entry::Failed(FailureKind::TooLarge),
+        ] {
+            let s = slot(3, 123_456, entry);
+            assert_eq!(Slot::decode(&s.encode()), s);
+        }
+        assert_eq!(Slot::decode(&EMPTY.encode()), EMPTY);
+        assert_eq!(EMPTY.encode(), [0u8; SLOT]);
+        // Garbage is an empty slot, never a panic.
+        assert_eq!(Slot::decode(&[0xff; SLOT]), EMPTY);
+        assert_eq!(Slot::decode(&[2; 10]), EMPTY);
+    }
+
+    #[test]
+    fn a_long_message_is_kept_cut_at_a_character_with_an_ellipsis() {
+        let fits = "é".repeat(MESSAGE_MAX / 2);
+        assert_eq!(
+            Slot::decode(&slot(1, 1, answered(&fits)).encode()).entry,
+            answered(&fits)
+        );
+        let long = format!("x{}", "é".repeat(1000));
+        let back = match Slot::decode(&slot(1, 1, answered(&long)).encode()).entry {
+            Entry::Answered(r) => r.message,
+            other => panic!("{other:?}"),
+        };
+        assert!(back.ends_with('…'), "{back}");
+        assert!(back.len() <= MESSAGE_MAX, "{}", back.len());
+        assert!(long.starts_with(back.trim_end_matches('…')));
+        assert!(!back.contains('\u{fffd}'), "cut inside a character: {back}");
+    }
+
+    #[test]
+    fn a_full_bucket_gives_up_its_oldest_entry_first() {
+        let now = 1_000_000_000_000;
+        let ttl = Duration::from_secs(10);
+        let old = now - nanos(Duration::from_secs(20));
+        let mut slots: Vec<Slot> = (0..8u8)
+            .map(|i| slot(i + 1, now - 1000 + u64::from(i) * 10, answered("a")))
+            .collect();
+        // All live: oldest first.
+        assert_eq!(victims(&slots, now, ttl), [0, 1, 2, 3, 4, 5, 6, 7]);
+        slots[0].at = now; // now the newest
+        assert_eq!(victims(&slots, now, ttl)[0], 1);
+        assert_eq!(*victims(&slots, now, ttl).last().unwrap(), 0);
+        // An expired entry and an empty slot go before any live one.
+        slots[5].at = old;
+        slots[6] = EMPTY;
+        assert_eq!(victims(&slots, now, ttl)[..2], [6, 5]);
+        // The code's own entry is found while live, not once expired...
+        assert_eq!(find(&slots, &[3; 32], now, ttl, now), Some(2));
+        assert_eq!(find(&slots, &[6; 32], now, ttl, now), None);
+        // ...but a delivery that may be going on is found whatever its age.
+        slots[5].entry = Entry::Delivering;
+        assert_eq!(find(&slots, &[6; 32], now, ttl, now), Some(5));
+        assert_eq!(find(&slots, &[9; 32], now, ttl, now), None);
+    }
+
+    #[test]
+    fn what_a_request_does_with_the_entry_it_finds() {
+        let ttl = Duration::from_secs(10);
+        let now = 1_000_000_000_000;
+        let asked = now - 1_000;
+        let before = asked - 1;
+        let long_ago = now - nanos(Duration::from_secs(11));
+        let reply = BotReply {
+            success: true,
+            message: "hi".into(),
+        };
+        let v = |at, entry| verdict(&slot(1, at, entry), now, ttl, asked);
+        assert_eq!(
+            v(before, Entry::Answered(reply.clone())),
+            Verdict::Replay(reply.clone())
+        );
+        assert_eq!(
+            v(long_ago, Entry::Answered(reply.clone())),
+            Verdict::Deliver
+        );
+        // An intent whose holder is gone (its lock was free): not again.
+        assert_eq!(v(before, Entry::Delivering), Verdict::Unconfirmed);
+        assert_eq!(v(now, Entry::Delivering), Verdict::Unconfirmed);
+        // ...until the TTL is over.
+        assert_eq!(v(long_ago, Entry::Delivering), Verdict::Deliver);
+        // A failure this request waited for is its answer too, kind intact.
+        for kind in [
+            FailureKind::Timeout,
+            FailureKind::Closed,
+            FailureKind::Invalid,
+            FailureKind::TooLarge,
+        ] {
+            assert_eq!(v(now, Entry::Failed(kind)), Verdict::Fail(kind));
+            // One from before this request (a reload after it) tries again.
+            assert_eq!(v(before, Entry::Failed(kind)), Verdict::Deliver);
+        }
+        assert_eq!(v(now, Entry::Empty), Verdict::Deliver);
+        // With a zero TTL, what happened while waiting still counts.
+        assert_eq!(
+            verdict(
+                &slot(1, now, Entry::Answered(reply.clone())),
+                now + 5,
+                Duration::ZERO,
+                asked
+            ),
+            Verdict::Replay(reply)
+        );
+    }
+
+    #[test]
+    fn housekeeping_sweeps_the_table_once_per_lap_in_small_turns() {
+        let lap = nanos(SWEEP_LAP_MAX);
+        let b = 1200;
+        // Nothing due yet.
+        assert_eq!(sweep_turn(5, 1000, 1000, b, SWEEP_LAP_MAX), (5, 0, 1000));
+        // A tenth of a lap: a tenth of the buckets, time carried exactly.
+        assert_eq!(
+            sweep_turn(5, 0, lap / 10, b, SWEEP_LAP_MAX),
+            (5, 120, lap / 10)
+        );
+        // Part of a bucket's time is not lost.
+        let (_, n, last) = sweep_turn(0, 0, lap / b + lap / b / 2, b, SWEEP_LAP_MAX);
+        assert_eq!((n, last), (1, lap / b));
+        // Long idle (CGI between requests): one whole lap, no more.
+        assert_eq!(
+            sweep_turn(7, 0, lap * 50, b, SWEEP_LAP_MAX),
+            (7, b, lap * 50)
+        );
+        // A clock that went back: one whole lap, and the time starts
+        // again from now rather than when the clock catches up.
+        assert_eq!(sweep_turn(7, lap, 0, b, SWEEP_LAP_MAX), (7, b, 0));
+        let day = 86_400 * 1_000_000_000;
+        assert_eq!(sweep_turn(7, lap + day, lap, b, SWEEP_LAP_MAX), (7, b, lap));
+        assert_eq!(sweep_turn(7, lap, lap + lap / 10, b, SWEEP_LAP_MAX).1, 120);
+    }
+
+    #[test]
+    fn only_the_store_s_own_names() {
+        assert!(ours(b"replay.table") && ours(b"replay.table.new"));
+        let hex = "0123456789abcdef".repeat(4);
+        for suffix in ["", ".entry", ".lock", ".json", ".tmp", ".failed"] {
+            assert!(old_layout(format!("{hex}{suffix}").as_bytes()), "{suffix}");
+        }
+        for name in [
+            "backup.sql",
+            "replay.table.bak",
+            &hex[1..],
+            &format!("{hex}.sql"),
+            &hex.to_uppercase(),
+            &format!("{hex}0"),
+        ] {
+            assert!(
+                !ours(name.as_bytes()) && !old_layout(name.as_bytes()),
+                "{name}"
+            );
+        }
+    }
+
+    // -- the table, in files (no sockets) -------------------------------
+
+    #[test]
+    fn a_second_delivery_is_replayed_and_nothing_is_in_clear() {
+        let dir = temp_dir("seq");
+        let store = open(&dir, TTL, 1000);
+        let first = store.deliver_once("code-1", WAIT, || ok("welcome"));
+        assert_eq!(message(first), ("welcome".into(), Delivery::First));
+        let again = store.deliver_once("code-1", WAIT, || panic!("bot contacted twice"));
+        assert_eq!(message(again), ("welcome".into(), Delivery::Replayed));
+        // Another process (another open file) sees it too.
+        let other = open(&dir, TTL, 1000);
+        let there = other.deliver_once("code-1", WAIT, || panic!("bot contacted twice"));
+        assert_eq!(message(there), ("welcome".into(), Delivery::Replayed));
+        let (_, d) = message(store.deliver_once("code-2", WAIT, || ok("other")));
+        assert_eq!(d, Delivery::First);
+        let names: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, ["replay.table"]);
+        let bytes = fs::read(dir.join("replay.table")).unwrap();
+        assert_eq!(bytes.len(), HEADER + 125 * BUCKET);
+        assert!(!bytes.windows(6).any(|w| w == b"code-1"));
+        // Unsalted SHA-256 of the code is not there either.
+        let plain = sha256(&[b"code-1"]);
+        assert!(!bytes.windows(32).any(|w| w == plain));
         let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
-    fn failed_delivery_is_not_stored() {
-        let (store, dir) = temp_store("fail", Duration::from_secs(600));
-        let wait = Duration::from_secs(1);
-        let err = store
-            .deliver_once("c", wait, || Err(BotError::Timeout))
-            .unwrap_err();
-        assert!(matches!(err, BotError::Timeout));
-        let (_, d) = store.deliver_once("c", wait, || ok("now")).unwrap();
+    fn the_table_keeps_the_latest_codes_within_its_size() {
+        let dir = temp_dir("flood");
+        // 16 entries: two buckets of eight.
+        let store = open(&dir, TTL, 16);
+        for n in 0..500 {
+            store
+                .deliver_once(&format!("flood-{n}"), WAIT, || ok(&format!("answer {n}")))
+                .unwrap();
+        }
+        let size = fs::metadata(dir.join("replay.table")).unwrap().len();
+        assert_eq!(size, (HEADER + 2 * BUCKET) as u64);
+        // The last eight codes are all still there whatever their buckets
+        // (each bucket keeps its newest eight), the first ones are gone.
+        for n in 492..500 {
+            let (text, d) = message(
+                store.deliver_once(&format!("flood-{n}"), WAIT, || panic!("flood-{n} evicted")),
+            );
+            assert_eq!((text, d), (format!("answer {n}"), Delivery::Replayed));
+        }
+        let (_, d) = message(store.deliver_once("flood-0", WAIT, || ok("again")));
         assert_eq!(d, Delivery::First);
         let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
-    fn expired_answers_are_delivered_again_and_swept() {
-        let (store, dir) = temp_store("ttl", Duration::ZERO);
-        let wait = Duration::from_secs(1);
-        store.deliver_once("c", wait, || ok("one")).unwrap();
-        thread::sleep(Duration::from_millis(1100));
-        let (r, d) = store.deliver_once("c", wait, || ok("two")).unwrap();
-        assert_eq!((r.message.as_str(), d), ("two", Delivery::First));
-        thread::sleep(Duration::from_millis(50));
-        store.sweep().unwrap();
-        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+    fn a_refused_connection_leaves_no_entry_and_other_failures_are_not_replayed() {
+        let dir = temp_dir("fail");
+        let store = open(&dir, TTL, 64);
+        let refused = BotError::Unavailable(io::ErrorKind::ConnectionRefused.into());
+        let r = store.deliver_once("c", WAIT, || Err(refused));
+        assert!(matches!(r, Err(Undelivered::Bot(BotError::Unavailable(_)))));
+        let table = fs::read(dir.join("replay.table")).unwrap();
+        assert!(table[HEADER..].iter().all(|&b| b == 0), "an entry was left");
+        let r = store.deliver_once("c", WAIT, || Err(BotError::Timeout));
+        assert!(matches!(r, Err(Undelivered::Bot(BotError::Timeout))));
+        // A reload after the failure tries again.
+        let (_, d) = message(store.deliver_once("c", WAIT, || ok("now")));
+        assert_eq!(d, Delivery::First);
         let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
-    fn concurrent_repeats_wait_for_the_one_in_flight() {
-        let (store, dir) = temp_store("conc", Duration::from_secs(600));
-        let store = Arc::new(store);
-        let calls = Arc::new(AtomicUsize::new(0));
-        let threads: Vec<_> = (0..8)
-            .map(|_| {
-                let (store, calls) = (store.clone(), calls.clone());
-                thread::spawn(move || {
-                    store
-                        .deliver_once("same", Duration::from_secs(5), || {
+    fn concurrent_repeats_in_one_process_wait_for_the_one_in_flight() {
+        let dir = temp_dir("conc");
+        let store = open(&dir, TTL, 64);
+        let calls = AtomicUsize::new(0);
+        let results: Vec<_> = thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        store.deliver_once("same", WAIT, || {
                             calls.fetch_add(1, Ordering::SeqCst);
                             thread::sleep(Duration::from_millis(200));
                             ok("first")
                         })
-                        .unwrap()
+                    })
                 })
-            })
-            .collect();
-        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| message(h.join().unwrap()))
+                .collect()
+        });
         assert_eq!(calls.load(Ordering::SeqCst), 1);
-        assert!(results.iter().all(|(r, _)| r.message == "first"));
-        assert_eq!(
-            results
-                .iter()
-                .filter(|(_, d)| *d == Delivery::First)
-                .count(),
-            1
-        );
+        assert!(results.iter().all(|(m, _)| m == "first"));
+        let firsts = results
+            .iter()
+            .filter(|(_, d)| *d == Delivery::First)
+            .count();
+        assert_eq!(firsts, 1);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Two opens of one table are two open file descriptions, as two
+    /// processes have: the byte-range locks exclude each other.
+    #[test]
+    fn a_repeat_in_another_process_waits_and_gets_the_same_failure_kind() {
+        let dir = temp_dir("xproc");
+        let (a, b) = (open(&dir, TTL, 64), open(&dir, TTL, 64));
+        for (code, error) in [
+            ("inv", BotError::Invalid("not json".into())),
+            ("big", BotError::TooLarge),
+            ("late", BotError::Timeout),
+        ] {
+            let kind = error.kind();
+            let repeat = thread::scope(|s| {
+                let first = s.spawn(|| {
+                    a.deliver_once(code, WAIT, || {
+                        thread::sleep(Duration::from_millis(300));
+                        Err(error)
+                    })
+                });
+                thread::sleep(Duration::from_millis(100));
+                let repeat = b.deliver_once(code, WAIT, || panic!("delivered twice"));
+                assert!(first.join().unwrap().is_err());
+                repeat
+            });
+            match repeat {
+                Err(Undelivered::Bot(e)) => assert_eq!(e.kind(), kind, "{code}"),
+                other => panic!("{code}: {other:?}"),
+            }
+        }
         let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_repeat_gives_up_after_the_bound_without_delivering() {
-        let (store, dir) = temp_store("bound", Duration::from_secs(600));
-        let store = Arc::new(store);
-        let s = store.clone();
-        let slow = thread::spawn(move || {
-            s.deliver_once("c", Duration::from_secs(5), || {
-                thread::sleep(Duration::from_millis(800));
-                ok("late")
-            })
+        let dir = temp_dir("bound");
+        let (a, b) = (open(&dir, TTL, 64), open(&dir, TTL, 64));
+        thread::scope(|s| {
+            let slow = s.spawn(|| {
+                a.deliver_once("c", WAIT, || {
+                    thread::sleep(Duration::from_millis(800));
+                    ok("late")
+                })
+            });
+            thread::sleep(Duration::from_millis(100));
+            for store in [&a, &b] {
+                let r = store.deliver_once("c", Duration::from_millis(200), || {
+                    panic!("delivered twice")
+                });
+                assert!(matches!(r, Err(Undelivered::Bot(BotError::Timeout))));
+            }
+            assert!(slow.join().unwrap().is_ok());
         });
-        thread::sleep(Duration::from_millis(100));
-        let err = store
-            .deliver_once("c", Duration::from_millis(200), || {
-                panic!("delivered twice")
-            })
-            .unwrap_err();
-        assert!(matches!(err, BotError::Timeout));
-        assert!(slow.join().unwrap().is_ok());
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// An intent written, then its holder gone without an outcome (a
+    /// dropped claim releases the lock as a killed process does).
     #[test]
-    fn a_repeat_waiting_on_a_failed_delivery_does_not_deliver_again() {
-        let (store, dir) = temp_store("waitfail", Duration::from_secs(600));
-        let store = Arc::new(store);
-        let s = store.clone();
-        let first = thread::spawn(move || {
-            s.deliver_once("c", Duration::from_secs(5), || {
-                thread::sleep(Duration::from_millis(300));
-                Err(BotError::Timeout)
-            })
+    fn an_intent_without_a_live_holder_is_unconfirmed_not_delivered_again() {
+        let dir = temp_dir("intent");
+        let dead = open(&dir, TTL, 64);
+        let hash = dead.inner.hash("orphan");
+        match dead.inner.claim(&hash, Instant::now() + WAIT) {
+            Ok(Claim::Deliver(guard, _)) => drop(guard),
+            _ => panic!("no claim"),
+        }
+        let later = open(&dir, TTL, 64);
+        for store in [&later, &dead] {
+            let r = store.deliver_once("orphan", WAIT, || panic!("delivered again"));
+            assert!(matches!(r, Err(Undelivered::Unconfirmed)), "{r:?}");
+        }
+        // A waiter whose holder dies gets the same.
+        let hash = dead.inner.hash("dies-while-held");
+        let r = thread::scope(|s| {
+            let Ok(Claim::Deliver(guard, _)) = dead.inner.claim(&hash, Instant::now() + WAIT)
+            else {
+                panic!("no claim")
+            };
+            let waiter = s.spawn(|| {
+                later.deliver_once("dies-while-held", WAIT, || panic!("delivered again"))
+            });
+            thread::sleep(Duration::from_millis(300));
+            drop(guard);
+            waiter.join().unwrap()
         });
-        thread::sleep(Duration::from_millis(100));
-        let repeat = store.deliver_once("c", Duration::from_secs(5), || panic!("delivered twice"));
-        assert!(matches!(repeat, Err(BotError::Timeout)));
-        assert!(matches!(first.join().unwrap(), Err(BotError::Timeout)));
-        // A reload after the failure tries again.
-        let (_, d) = store
-            .deliver_once("c", Duration::from_secs(1), || ok("now"))
-            .unwrap();
+        assert!(matches!(r, Err(Undelivered::Unconfirmed)), "{r:?}");
+        // Past the TTL the code is delivered again.
+        let short = open(&dir, Duration::ZERO, 64);
+        thread::sleep(Duration::from_millis(5));
+        let (_, d) = message(short.deliver_once("orphan", WAIT, || ok("again")));
         assert_eq!(d, Delivery::First);
         let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
-    fn an_entry_rewritten_shorter_reads_back_whole() {
-        let (store, dir) = temp_store("shorter", Duration::from_secs(600));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.join("x.entry"))
+    fn housekeeping_zeroes_expired_entries_and_nothing_else() {
+        let dir = temp_dir("sweep");
+        let store = open(&dir, Duration::from_millis(200), 64);
+        let keep = open(&dir, TTL, 64);
+        store.deliver_once("expires", WAIT, || ok("one")).unwrap();
+        thread::sleep(Duration::from_millis(300));
+        keep.deliver_once("stays", WAIT, || ok("two")).unwrap();
+        // Pretend the last step was a lap ago.
+        store
+            .inner
+            .file
+            .write_all_at(&0u64.to_le_bytes(), SWEEP_STATE as u64 + 8)
             .unwrap();
-        let reply = BotReply {
-            success: true,
-            message: "a message much longer than a failure note".into(),
-        };
-        store.write(&file, 0, &reply).unwrap();
-        let len = file.metadata().unwrap().len();
-        match store.read(&file, len) {
-            Some(Saved::Answer(entry)) => assert_eq!(entry.message, reply.message),
-            _ => panic!("the answer does not read back"),
-        }
-        save(&file, len, b"7 504").unwrap();
-        let len = file.metadata().unwrap().len();
-        assert_eq!(len, 5);
-        assert!(matches!(
-            store.read(&file, len),
-            Some(Saved::Failed { at: 7, status: 504 })
-        ));
+        store.housekeep().unwrap();
+        let table = fs::read(dir.join("replay.table")).unwrap();
+        let live: Vec<Slot> = table[HEADER..]
+            .chunks(SLOT)
+            .map(Slot::decode)
+            .filter(|s| s.entry != Entry::Empty)
+            .collect();
+        assert_eq!(live.len(), 1, "{live:?}");
+        assert_eq!(live[0].entry, answered("two"));
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// Relays with different `REGISTER_REPLAY_MAX` on one directory share
+    /// the table there, at its size: a code in flight in one is waited for
+    /// by the other, never delivered twice.
     #[test]
-    fn refuses_a_shared_directory() {
-        let dir = std::env::temp_dir().join(format!("tr-replay-open-{}", std::process::id()));
+    fn another_size_uses_the_table_there_at_its_size() {
+        let dir = temp_dir("resize");
+        let small = open(&dir, TTL, 64);
+        small.deliver_once("c", WAIT, || ok("one")).unwrap();
+        let bigger = open(&dir, TTL, 128);
+        assert_eq!(
+            fs::metadata(dir.join("replay.table")).unwrap().len(),
+            (HEADER + 8 * BUCKET) as u64
+        );
+        assert_eq!(
+            message(bigger.deliver_once("c", WAIT, || ok("two"))),
+            ("one".into(), Delivery::Replayed)
+        );
+        let calls = AtomicUsize::new(0);
+        let started = std::sync::Barrier::new(2);
+        let (first, again) = thread::scope(|s| {
+            let first = s.spawn(|| {
+                small.deliver_once("in-flight", WAIT, || {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    started.wait();
+                    thread::sleep(Duration::from_millis(200));
+                    ok("first")
+                })
+            });
+            started.wait();
+            let other = open(&dir, TTL, 256);
+            let again = other.deliver_once("in-flight", WAIT, || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                ok("second")
+            });
+            (message(first.join().unwrap()), message(again))
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "delivered twice");
+        assert_eq!(first, ("first".into(), Delivery::First));
+        assert_eq!(again, ("first".into(), Delivery::Replayed));
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir(&dir).unwrap();
-        fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-        assert!(Store::open(&dir, Duration::from_secs(1)).is_err());
-        let file = dir.join("file");
-        fs::write(&file, b"").unwrap();
-        assert!(Store::open(&file, Duration::from_secs(1)).is_err());
+    }
+
+    /// A bucket whose every slot is in a delivery makes a new code wait for
+    /// room rather than go through unprotected, so a double tap on it still
+    /// reaches the bot once.
+    #[test]
+    fn a_full_bucket_of_deliveries_makes_a_code_wait_not_go_twice() {
+        let dir = temp_dir("noroom");
+        let store = open(&dir, TTL, 8);
+        let started = std::sync::Barrier::new(PER_BUCKET + 1);
+        let release = std::sync::Barrier::new(PER_BUCKET + 1);
+        let calls = AtomicUsize::new(0);
+        let players = thread::scope(|s| {
+            for n in 0..PER_BUCKET {
+                let (store, started, release) = (&store, &started, &release);
+                s.spawn(move || {
+                    store.deliver_once(&format!("holder-{n}"), WAIT, || {
+                        started.wait();
+                        release.wait();
+                        ok("holder")
+                    })
+                });
+            }
+            started.wait();
+            let players: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        store.deliver_once("player", WAIT, || {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            ok("player")
+                        })
+                    })
+                })
+                .collect();
+            // Past its wait, a code finding no room is not sent (503).
+            let gave_up = store.deliver_once("impatient", Duration::from_millis(300), || {
+                panic!("sent without room")
+            });
+            assert!(
+                matches!(gave_up, Err(Undelivered::Bot(BotError::Unavailable(_)))),
+                "{gave_up:?}"
+            );
+            // Not a synchronisation: without the wait for room the players
+            // are through by now, and the count below shows it.
+            release.wait();
+            players
+                .into_iter()
+                .map(|h| message(h.join().unwrap()).0)
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "delivered twice");
+        assert_eq!(players, ["player", "player"]);
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    fn refused(dir: &Path) -> String {
+        match Store::open(dir, TTL, 64) {
+            Err(OpenError::Refused(why)) => why,
+            Err(OpenError::Broken(e)) => panic!("broken, not refused: {e}"),
+            Ok(_) => panic!("{} accepted", dir.display()),
+        }
+    }
+
+    #[test]
+    fn refuses_a_directory_that_is_not_its_own_and_touches_nothing() {
+        let base = temp_dir("refuse");
+        // Others' files: refused, and left as they were.
+        let shared = base.join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o700)).unwrap();
+        fs::write(shared.join("backup.sql"), b"precious").unwrap();
+        let why = refused(&shared);
+        assert!(
+            why.contains("backup.sql") && why.contains(&*shared.to_string_lossy()),
+            "{why}"
+        );
+        assert_eq!(fs::read(shared.join("backup.sql")).unwrap(), b"precious");
+        assert_eq!(fs::read_dir(&shared).unwrap().count(), 1);
+        // A symlink to a good directory, however it is spelt.
+        let real = base.join("real");
+        fs::create_dir(&real).unwrap();
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o700)).unwrap();
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let spelt = link.to_string_lossy().into_owned();
+        for path in [
+            spelt.clone(),
+            format!("{spelt}/"),
+            format!("{spelt}/."),
+            format!("{spelt}//"),
+        ] {
+            assert!(
+                refused(Path::new(&path)).contains("symbolic link"),
+                "{path}"
+            );
+        }
+        assert!(refused(&base.join("real/..")).contains("name the directory"));
+        assert_eq!(fs::read_dir(&real).unwrap().count(), 0);
+        // Not private.
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(refused(&real).contains("0755"));
+        // Not a directory; no parent.
+        let file = base.join("file");
+        fs::write(&file, b"x").unwrap();
+        assert!(refused(&file).contains("not a directory"));
+        assert!(refused(&base.join("no/such")).contains("parent"));
+        // A missing directory is made, private.
+        let fresh = base.join("fresh");
+        open(&fresh, TTL, 64);
+        assert_eq!(fs::metadata(&fresh).unwrap().mode() & 0o777, 0o700);
+        let _ = fs::remove_dir_all(&base);
+    }
+
+    /// Old-layout files are removed by housekeeping, a bounded batch per
+    /// step, never while the store opens (on a request's path).
+    #[test]
+    fn files_of_the_older_layout_are_removed_by_housekeeping_in_batches() {
+        let dir = temp_dir("old");
+        let n = OLD_LAYOUT_BATCH + 10;
+        for i in 0..n {
+            let hex = crate::fingerprint::sha256_hex(i.to_string().as_bytes());
+            fs::write(dir.join(format!("{hex}.entry")), b"{}").unwrap();
+        }
+        fs::write(dir.join("ab".repeat(32)), b"").unwrap();
+        let count = || fs::read_dir(&dir).unwrap().count();
+        let store = open(&dir, TTL, 64);
+        assert_eq!(count(), n + 2, "removed while opening");
+        store.housekeep().unwrap();
+        assert_eq!(count(), n + 2 - OLD_LAYOUT_BATCH);
+        store.housekeep().unwrap();
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["replay.table"]);
+        assert!(!store.inner.old_layout_left.load(Ordering::Relaxed));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A symlink or a directory under the store's own names is refused,
+    /// and what it points to is left alone; so is a relative path.
+    #[test]
+    fn a_table_that_is_not_a_file_or_a_relative_path_is_refused() {
+        let base = temp_dir("notfile");
+        let precious = base.join("precious.txt");
+        fs::write(&precious, b"keep").unwrap();
+        for name in ["replay.table", "replay.table.new"] {
+            let dir = base.join(format!("link-{name}"));
+            fs::create_dir(&dir).unwrap();
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+            std::os::unix::fs::symlink(&precious, dir.join(name)).unwrap();
+            let why = refused(&dir);
+            assert!(why.contains(name) && why.contains("not a file"), "{why}");
+        }
+        let dir = base.join("dir-table");
+        fs::create_dir_all(dir.join("replay.table")).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(refused(&dir).contains("replay.table"));
+        assert_eq!(fs::read(&precious).unwrap(), b"keep");
+        let why = refused(Path::new("relative-store"));
+        assert!(why.contains("absolute"), "{why}");
+        assert!(!Path::new("relative-store").exists());
+        let _ = fs::remove_dir_all(&base);
     }
 }

@@ -4,8 +4,7 @@
 
 #![allow(unsafe_code)]
 
-use std::ffi::CString;
-use std::fs::File;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -190,9 +189,9 @@ pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
 
 /// Takes `file`'s exclusive `flock` if it is free: `Ok(false)` when
 /// another open file description holds it.
-pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+pub fn try_lock_exclusive(file: &impl AsFd) -> io::Result<bool> {
     // SAFETY: a valid, open fd borrowed from `file`.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let rc = unsafe { libc::flock(file.as_fd().as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == 0 {
         return Ok(true);
     }
@@ -204,32 +203,168 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     }
 }
 
+/// Releases the `flock` taken by [`try_lock_exclusive`].
+pub fn unlock_exclusive(file: &impl AsFd) -> io::Result<()> {
+    // SAFETY: a valid, open fd borrowed from `file`.
+    check(unsafe { libc::flock(file.as_fd().as_raw_fd(), libc::LOCK_UN) })
+}
+
+fn ofd_lock(file: &impl AsFd, byte: u64, kind: libc::c_short) -> io::Result<bool> {
+    // SAFETY: flock is plain data; zeroed is a valid value.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = libc::off_t::try_from(byte).map_err(io::Error::other)?;
+    lock.l_len = 1;
+    // SAFETY: a valid descriptor and a valid flock struct that fcntl only reads.
+    let rc = unsafe { libc::fcntl(file.as_fd().as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// Takes a one-byte write lock at offset `byte` of `file`, owned by its
+/// open file description (so it goes with the process, however it dies),
+/// without waiting: `Ok(false)` if another description holds it. Threads
+/// sharing the description are not told apart.
+pub fn try_lock_byte(file: &impl AsFd, byte: u64) -> io::Result<bool> {
+    ofd_lock(file, byte, libc::F_WRLCK as libc::c_short)
+}
+
+/// Releases a lock taken by [`try_lock_byte`].
+pub fn unlock_byte(file: &impl AsFd, byte: u64) -> io::Result<bool> {
+    ofd_lock(file, byte, libc::F_UNLCK as libc::c_short)
+}
+
 /// The effective user id.
 pub fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
 
-/// Whether this process may create files in `dir` (asked of the kernel
-/// with the effective ids, without creating one: a read-only file system
-/// says no here).
-pub fn can_create_in(dir: &Path) -> io::Result<()> {
-    let c_dir = CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| io::Error::other("path contains a NUL byte"))?;
-    // SAFETY: a valid C string that faccessat only reads.
-    let rc = unsafe {
-        libc::faccessat(
-            libc::AT_FDCWD,
-            c_dir.as_ptr(),
-            libc::W_OK | libc::X_OK,
-            libc::AT_EACCESS,
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::other("a name holds a NUL byte"))
+}
+
+fn owned(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just returned by the kernel, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Opens a directory, never through a symlink in its last component.
+pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    let c = cstring(path.as_os_str().as_bytes())?;
+    // SAFETY: a valid C string; open only reads it.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    owned(fd)
+}
+
+/// Opens a file in `dir` for reading and writing, never through a
+/// symlink; `create` makes it (0600), emptied.
+pub fn open_at(dir: &impl AsFd, name: &[u8], create: bool) -> io::Result<OwnedFd> {
+    let c = cstring(name)?;
+    let mut flags = libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    if create {
+        flags |= libc::O_CREAT | libc::O_TRUNC;
     }
+    // SAFETY: a valid directory descriptor and C string.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_fd().as_raw_fd(),
+            c.as_ptr(),
+            flags,
+            0o600 as libc::c_uint,
+        )
+    };
+    owned(fd)
+}
+
+/// Renames `from` to `to`, both in `dir`.
+pub fn rename_at(dir: &impl AsFd, from: &[u8], to: &[u8]) -> io::Result<()> {
+    let (from, to) = (cstring(from)?, cstring(to)?);
+    let fd = dir.as_fd().as_raw_fd();
+    // SAFETY: a valid directory descriptor and C strings.
+    check(unsafe { libc::renameat(fd, from.as_ptr(), fd, to.as_ptr()) })
+}
+
+/// Removes one name from `dir` (a file or a symlink itself; never a
+/// directory, never what a symlink points to).
+pub fn unlink_at(dir: &impl AsFd, name: &[u8]) -> io::Result<()> {
+    let c = cstring(name)?;
+    // SAFETY: a valid directory descriptor and C string.
+    check(unsafe { libc::unlinkat(dir.as_fd().as_raw_fd(), c.as_ptr(), 0) })
+}
+
+/// The names in `dir` but `.` and `..`.
+pub fn list_dir(dir: &impl AsFd) -> io::Result<Vec<Vec<u8>>> {
+    // fdopendir takes the descriptor over: give it a copy.
+    let copy = dir.as_fd().try_clone_to_owned()?;
+    // SAFETY: a valid directory descriptor, owned from here by the DIR.
+    let stream = unsafe { libc::fdopendir(copy.as_raw_fd()) };
+    if stream.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    std::mem::forget(copy);
+    // Reading from the start even if the descriptor was read before.
+    // SAFETY: a valid DIR stream.
+    unsafe { libc::rewinddir(stream) };
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: a valid DIR stream, used by this thread only.
+        let entry = unsafe { libc::readdir(stream) };
+        if entry.is_null() {
+            break;
+        }
+        // SAFETY: readdir returned a valid entry whose d_name is a
+        // NUL-terminated string, valid until the next readdir.
+        let name = unsafe { CStr::from_ptr((*entry).d_name.as_ptr()) }.to_bytes();
+        if name != b"." && name != b".." {
+            names.push(name.to_vec());
+        }
+    }
+    // SAFETY: a valid DIR stream, closed once.
+    unsafe { libc::closedir(stream) };
+    Ok(names)
+}
+
+/// Makes the calling thread yield to the others (nice 10): for work that
+/// must never slow a request down.
+pub fn lower_thread_priority() {
+    // SAFETY: gettid has no preconditions; setpriority on one's own
+    // thread id only changes that thread's nice value.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
+}
+
+/// Points stdout at /dev/null, so that a CGI response is complete for the
+/// web server while the process goes on with its housekeeping.
+pub fn release_stdout() -> io::Result<()> {
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    // SAFETY: both descriptors are valid; dup2 replaces fd 1 atomically.
+    check(unsafe { libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO) })
 }
 
 /// Caps glibc's malloc arenas. glibc gives each new thread its own arena
@@ -268,6 +403,7 @@ pub fn relisten(socket: &impl AsFd, backlog: i32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
 
     #[test]
     fn only_a_listening_socket_is_taken() {

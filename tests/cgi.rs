@@ -48,7 +48,7 @@ struct Cgi {
 impl Cgi {
     /// A site whose bot is at `bot_addr`, with a fresh replay store.
     fn new(bot_addr: &str) -> Cgi {
-        let store = TempDir::new("cgist");
+        let store = private_dir("cgist");
         let env = vec![
             (
                 "REGISTER_BOT_ADDR".to_string(),
@@ -1011,7 +1011,7 @@ fn unknown_argument_exits_2() {
 #[test]
 fn a_run_by_hand_without_request_method_is_a_get() {
     let bot = Bot::start("json", "approve");
-    let store = TempDir::new("hand");
+    let store = private_dir("hand");
     let (code, state) = (new_code(), new_state());
     let q = query(&code, &state);
     let started = Instant::now();

@@ -9,7 +9,7 @@
 //! the default store is shared by every run on the machine.
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Barrier;
 use std::thread;
@@ -114,7 +114,7 @@ fn codes(bot: &Bot) -> Vec<String> {
 /// showing the approval can only come from the store.
 #[test]
 fn sequential_repeat_via_cgi_replays_the_first_answer() {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let approver = Bot::start("json", "approve");
     let refuser = Bot::start("json", "refuse");
     let q = query("seq-cgi-code-1");
@@ -143,7 +143,7 @@ fn sequential_repeat_via_cgi_replays_the_first_answer() {
 /// process, then on a second process sharing the store.
 #[test]
 fn sequential_repeat_via_fastcgi_fd0_replays_the_first_answer() {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let bot = Bot::start("json", "approve");
     let env = relay_env(bot.addr(), store.path_str(), &[]);
     let q = query("seq-fd0-code");
@@ -163,7 +163,7 @@ fn sequential_repeat_via_fastcgi_fd0_replays_the_first_answer() {
 /// `--listen`: repeats on one kept connection and on new ones.
 #[test]
 fn sequential_repeat_via_listen_replays_the_first_answer() {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let bot = Bot::start("json", "approve");
     let mut server = ListenServer::start_unix(&relay_env(bot.addr(), store.path_str(), &[]));
     let q = query("seq-listen-code");
@@ -184,7 +184,7 @@ fn sequential_repeat_via_listen_replays_the_first_answer() {
 
 #[test]
 fn refusal_then_repeat_shows_the_same_refusal_without_a_second_contact() {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let refuser = Bot::start("json", "refuse");
     let approver = Bot::start("json", "approve");
     let q = query("refused-code");
@@ -210,7 +210,7 @@ fn refusal_then_repeat_shows_the_same_refusal_without_a_second_contact() {
 #[test]
 fn concurrent_repeats_in_one_process_reach_the_bot_once() {
     const N: usize = 10;
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let bot = Bot::start_with("json", "slow", &["--delay", "0.5"]);
     let mut server = ListenServer::start_tcp(&relay_env(bot.addr(), store.path_str(), &[]));
     let server_ref = &server;
@@ -252,7 +252,7 @@ fn concurrent_repeats_in_one_process_reach_the_bot_once() {
 /// the same time: one delivery, both pages the same.
 #[test]
 fn concurrent_repeats_across_two_fd0_processes_reach_the_bot_once() {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let bot = Bot::start_with("json", "slow", &["--delay", "0.5"]);
     let env = relay_env(bot.addr(), store.path_str(), &[]);
     let mut servers = [Fd0Server::start(&env), Fd0Server::start(&env)];
@@ -286,7 +286,7 @@ fn concurrent_repeats_across_two_fd0_processes_reach_the_bot_once() {
 #[test]
 fn concurrent_repeats_across_cgi_processes_reach_the_bot_once() {
     const N: usize = 4;
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let bot = Bot::start_with("json", "slow", &["--delay", "0.5"]);
     let env = relay_env(bot.addr(), store.path_str(), &[]);
     let q = query("cgi-burst-code");
@@ -315,7 +315,7 @@ fn concurrent_repeats_across_cgi_processes_reach_the_bot_once() {
 
 #[test]
 fn a_failed_delivery_is_not_stored_so_the_reload_delivers() {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let refusing = RefusingPort::new();
     let down = refusing.addr().to_string();
     let port = refusing.port().to_string();
@@ -350,7 +350,7 @@ fn a_failed_delivery_is_not_stored_so_the_reload_delivers() {
 /// message, so the page shows which answer it is).
 #[test]
 fn after_the_ttl_the_same_code_is_delivered_again() {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let first_bot = Bot::start("json", "approve");
     let second_msg = "Second delivery answered";
     let second_bot = Bot::start_with("json", "approve", &["--message", second_msg]);
@@ -427,10 +427,7 @@ fn the_store_holds_no_code_or_state_in_clear() {
 
     let mut files = Vec::new();
     walk(&dir, &mut files);
-    assert!(
-        files.len() >= 2,
-        "the store should hold the two answers: {files:?}"
-    );
+    assert!(!files.is_empty(), "the store should hold the answers");
     let secrets = [code_a, code_b, STATE, "StateOfPlayer42", "SecretCode"];
     let meta = fs::metadata(&dir).unwrap();
     assert_eq!(meta.mode() & 0o077, 0, "store dir mode {:o}", meta.mode());
@@ -458,65 +455,7 @@ fn the_store_holds_no_code_or_state_in_clear() {
     assert!(all.contains(REFUSED) && all.contains(APPROVED), "{all}");
 }
 
-// ---------------------------------------------------------------------------
-// (h) an unusable store degrades to plain delivery
-// ---------------------------------------------------------------------------
-
-fn assert_store_warning(stderr: &str) {
-    assert!(
-        stderr
-            .lines()
-            .any(|l| l.contains("WARN") && l.contains("replay store")),
-        "no warning about the store on stderr:\n{stderr}"
-    );
-}
-
-#[test]
-fn an_unusable_store_still_registers_and_warns() {
-    let tmp = TempDir::new("st");
-    let file = tmp.join("plain-file");
-    fs::write(&file, b"not a directory").unwrap();
-    let under_file = file.join("store");
-    let shared = tmp.join("shared");
-    fs::create_dir(&shared).unwrap();
-    // Tests run as root: a mode cannot stop the writes, but a directory
-    // others may write to is refused as not private.
-    fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
-    let cases = [
-        ("a regular file", file.to_str().unwrap()),
-        ("a path under a regular file", under_file.to_str().unwrap()),
-        ("a world-writable directory", shared.to_str().unwrap()),
-    ];
-    for (i, (what, dir)) in cases.into_iter().enumerate() {
-        let bot = Bot::start("json", "approve");
-        let code = format!("unusable-store-code-{i}");
-        let (page, stderr) = cgi(&relay_env(bot.addr(), dir, &[]), &query(&code));
-        assert_approved(&page);
-        assert_eq!(codes(&bot), [code.as_str()], "{what}");
-        assert_store_warning(&stderr);
-        assert!(!stderr.contains(&code), "the log shows the code: {stderr}");
-    }
-    // Nothing was written where it should not be.
-    assert_eq!(fs::read(&file).unwrap(), b"not a directory");
-    assert_eq!(fs::read_dir(&shared).unwrap().count(), 0);
-}
-
-/// `--listen` with a store that breaks after the start (the directory
-/// replaced by a file): requests still reach the bot and succeed.
-#[test]
-fn a_store_that_breaks_while_serving_still_registers_and_warns() {
-    let tmp = TempDir::new("st");
-    let dir = tmp.join("store");
-    let bot = Bot::start("json", "approve");
-    let mut server = ListenServer::start_unix(&relay_env(bot.addr(), dir.to_str().unwrap(), &[]));
-    assert_approved(&fcgi(&server, &query("before-break")).http());
-    fs::remove_dir_all(&dir).unwrap();
-    fs::write(&dir, b"in the way").unwrap();
-    assert_approved(&fcgi(&server, &query("after-break")).http());
-    assert_eq!(codes(&bot), ["before-break", "after-break"]);
-    assert!(server.stop().success());
-    assert_store_warning(&server.stderr_text());
-}
+// (h) A misconfigured or broken store: tests/store.rs.
 
 // ---------------------------------------------------------------------------
 // (i) a repeat while the first is in flight past the bound
@@ -526,7 +465,7 @@ fn a_store_that_breaks_while_serving_still_registers_and_warns() {
 /// then sends the repeat; returns both pages, the repeat's time, and what
 /// the bot received.
 fn silent_bot_repeat(lag: Duration) -> (HttpLike, HttpLike, Duration, Vec<String>) {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let bot = Bot::start("json", "silent");
     let mut server = ListenServer::start_unix(&relay_env(
         bot.addr(),

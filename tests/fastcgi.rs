@@ -90,7 +90,7 @@ const ALL_KINDS: [Kind; 4] = [
 /// A server of `kind` for the bot at `bot_addr`, with its own replay store
 /// (returned, to keep alive) and `extra` settings.
 fn start(kind: Kind, bot_addr: &str, extra: &[(&str, &str)]) -> (AnyServer, TempDir) {
-    let store = TempDir::new("fcst");
+    let store = private_dir("fcst");
     let mut env: Vec<(&str, &str)> = vec![
         ("REGISTER_BOT_ADDR", bot_addr),
         ("REGISTER_STATE_DIR", store.path_str()),

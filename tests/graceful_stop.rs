@@ -108,7 +108,7 @@ fn sigterm_mid_request(
 
 #[test]
 fn sigterm_during_a_slow_reply_fd0_answers_then_exits_0() {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let bot = Bot::start_with("json", "slow", &["--delay", "1"]);
     let mut server = Fd0Server::start(&[
         ("REGISTER_BOT_ADDR", bot.addr()),
@@ -130,7 +130,7 @@ fn sigterm_during_a_slow_reply_fd0_answers_then_exits_0() {
 }
 
 fn sigterm_during_a_slow_reply_listen(kind: &str) {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let bot = Bot::start_with("json", "slow", &["--delay", "1"]);
     let mut server = ListenServer::start(
         kind,
@@ -170,7 +170,7 @@ fn sigterm_during_a_slow_reply_listen_tcp_answers_then_exits_0() {
 /// requests; a stop must not wait for the web server to close it.
 #[test]
 fn sigterm_with_an_idle_keep_alive_connection_fd0_exits_promptly() {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let bot = Bot::start("json", "approve");
     let mut server = Fd0Server::start(&[
         ("REGISTER_BOT_ADDR", bot.addr()),
@@ -192,7 +192,7 @@ fn sigterm_with_an_idle_keep_alive_connection_fd0_exits_promptly() {
 
 #[test]
 fn sigterm_with_an_idle_keep_alive_connection_listen_exits_promptly() {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let bot = Bot::start("json", "approve");
     let mut server = ListenServer::start_unix(&[
         ("REGISTER_BOT_ADDR", bot.addr()),
@@ -247,7 +247,7 @@ fn stall_env<'a>(bot: &'a Bot, store: &'a TempDir) -> [(&'a str, &'a str); 3] {
 
 #[test]
 fn a_stalled_peer_is_dropped_and_others_are_served_meanwhile_listen() {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let bot = Bot::start("json", "approve");
     let mut server = ListenServer::start_unix(&stall_env(&bot, &store));
     for (i, (what, bytes)) in stalls().into_iter().enumerate() {
@@ -282,7 +282,7 @@ fn a_stalled_peer_is_dropped_and_others_are_served_meanwhile_listen() {
 /// stalled one has been dropped, within the bound.
 #[test]
 fn a_stalled_peer_is_dropped_and_the_next_is_served_fd0() {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let bot = Bot::start("json", "approve");
     let mut server = Fd0Server::start(&stall_env(&bot, &store));
     for (i, (what, bytes)) in stalls().into_iter().enumerate() {
@@ -323,7 +323,7 @@ fn a_stalled_peer_is_dropped_and_the_next_is_served_fd0() {
 // ---------------------------------------------------------------------------
 
 fn connection_cap(kind: &str) {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let bot = Bot::start_with("json", "slow", &["--delay", "1"]);
     let mut server = ListenServer::start(
         kind,
@@ -441,7 +441,7 @@ fn assert_too_large(reply: Result<FcgiReply, String>, what: &str) {
 }
 
 fn caps(kind: &str) {
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let bot = Bot::start("json", "approve");
     let mut server = ListenServer::start(
         kind,

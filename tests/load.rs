@@ -85,7 +85,7 @@ fn client(endpoint: Endpoint, conn_no: usize) -> Vec<(String, Result<(), String>
 #[test]
 fn two_thousand_distinct_codes_over_fifty_connections_reach_the_bot_once_each() {
     let started = Instant::now();
-    let store = TempDir::new("st");
+    let store = private_dir("st");
     let bot = Bot::start_with("json", "slow", &["--delay", "0.1"]);
     let mut server = ListenServer::start_tcp(&[
         ("REGISTER_BOT_ADDR", bot.addr()),

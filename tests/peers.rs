@@ -100,7 +100,7 @@ fn trickling_request_is_dropped(server: &Server, bot: &Bot) {
 
 #[test]
 fn a_trickling_request_is_dropped_within_its_deadline_listen() {
-    let (bot, store) = (Bot::start("json", "approve"), TempDir::new("peers"));
+    let (bot, store) = (Bot::start("json", "approve"), private_dir("peers"));
     let mut server = ListenServer::start_unix(&env(&bot, &store, &[]));
     trickling_request_is_dropped(&server, &bot);
     assert!(server.stop().success());
@@ -108,7 +108,7 @@ fn a_trickling_request_is_dropped_within_its_deadline_listen() {
 
 #[test]
 fn a_trickling_request_is_dropped_within_its_deadline_fd0() {
-    let (bot, store) = (Bot::start("json", "approve"), TempDir::new("peers"));
+    let (bot, store) = (Bot::start("json", "approve"), private_dir("peers"));
     let mut server = Fd0Server::start(&env(&bot, &store, &[]));
     trickling_request_is_dropped(&server, &bot);
     assert!(server.stop().success());
@@ -116,7 +116,7 @@ fn a_trickling_request_is_dropped_within_its_deadline_fd0() {
 
 #[test]
 fn endless_management_records_and_strays_count_against_the_idle_deadline() {
-    let (bot, store) = (Bot::start("json", "approve"), TempDir::new("peers"));
+    let (bot, store) = (Bot::start("json", "approve"), private_dir("peers"));
     let mut server = ListenServer::start_unix(&env(&bot, &store, &[]));
     let mut get_values = Vec::new();
     write_record(
@@ -156,7 +156,7 @@ fn endless_management_records_and_strays_count_against_the_idle_deadline() {
 fn idle_connections_past_the_cap_do_not_delay_a_real_request() {
     const HOLDERS: usize = 2;
     const PAST_THE_CAP: usize = 44;
-    let (bot, store) = (Bot::start("json", "approve"), TempDir::new("peers"));
+    let (bot, store) = (Bot::start("json", "approve"), private_dir("peers"));
     // A long timeout: the idle connections stay for the whole test.
     let mut server = ListenServer::start_unix(&env(
         &bot,

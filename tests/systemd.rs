@@ -130,7 +130,7 @@ fn approved_once(endpoint: &Endpoint, bot: &Bot, already: usize) {
 fn socket_activation_on_a_unix_socket_is_served_and_left_in_place() {
     let bot = Bot::start("json", "approve");
     let dir = TempDir::new("act");
-    let state = TempDir::new("st");
+    let state = private_dir("st");
     let path = dir.join("fcgi.sock");
     let mut relay = socket_activate(path.to_str().unwrap(), &relay_env(&bot, &state), dir.path());
     let endpoint = Endpoint::Unix(path.clone());
@@ -162,7 +162,7 @@ fn socket_activation_on_a_unix_socket_is_served_and_left_in_place() {
 fn socket_activation_on_tcp() {
     let bot = Bot::start("json", "approve");
     let dir = TempDir::new("act");
-    let state = TempDir::new("st");
+    let state = private_dir("st");
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut relay = socket_activate(&addr.to_string(), &relay_env(&bot, &state), dir.path());
     approved_once(&Endpoint::Tcp(addr), &bot, 0);
@@ -286,7 +286,7 @@ impl NotifySocket {
 fn readiness_status_and_stop_reach_the_notify_socket() {
     let bot = Bot::start_with("json", "approve", &["--delay", "0.05"]);
     let dir = TempDir::new("ntf");
-    let state = TempDir::new("st");
+    let state = private_dir("st");
     let notify_path = dir.join("notify");
     let notify = NotifySocket::at(
         &std::os::unix::net::SocketAddr::from_pathname(&notify_path).expect("path"),
@@ -329,7 +329,7 @@ fn readiness_status_and_stop_reach_the_notify_socket() {
 fn notify_socket_in_the_abstract_namespace_with_listen() {
     use std::os::linux::net::SocketAddrExt;
     let bot = Bot::start("json", "approve");
-    let state = TempDir::new("st");
+    let state = private_dir("st");
     let name = format!("trt-notify-{}", unique("n", 12));
     let notify = NotifySocket::at(
         &std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("name"),
@@ -347,7 +347,7 @@ fn notify_socket_in_the_abstract_namespace_with_listen() {
 fn readiness_waits_out_a_full_notify_socket() {
     let bot = Bot::start("json", "approve");
     let dir = TempDir::new("ntf");
-    let state = TempDir::new("st");
+    let state = private_dir("st");
     let notify_path = dir.join("notify");
     let notify = NotifySocket::at(
         &std::os::unix::net::SocketAddr::from_pathname(&notify_path).expect("path"),
@@ -382,7 +382,7 @@ fn restart_under_load(unix: bool) {
     const CLIENTS: usize = 6;
     let bot = Bot::start_with("json", "approve", &["--delay", "0.05"]);
     let dir = TempDir::new("rst");
-    let state = TempDir::new("st");
+    let state = private_dir("st");
     // The listening socket, held here as systemd holds it.
     let (socket, endpoint): (OwnedFd, Endpoint) = if unix {
         let path = dir.join("fcgi.sock");
@@ -558,7 +558,7 @@ fn cgi_fcgi(connect: &str, query: &str) -> HttpLike {
 fn cgi_fcgi_checks_a_socket_activated_relay() {
     let bot = Bot::start("json", "approve");
     let dir = TempDir::new("cfc");
-    let state = TempDir::new("st");
+    let state = private_dir("st");
     let sock = dir.join("fcgi.sock");
     let mut relay = socket_activate(sock.to_str().unwrap(), &relay_env(&bot, &state), dir.path());
     let page = cgi_fcgi(sock.to_str().unwrap(), "code=check-code&state=check-state");
@@ -575,7 +575,7 @@ fn spawn_fcgi_runs_the_fd0_mode() {
     require_tool("spawn-fcgi", "spawn-fcgi");
     let bot = Bot::start("json", "approve");
     let dir = TempDir::new("spf");
-    let state = TempDir::new("st");
+    let state = private_dir("st");
     let sock = dir.join("fcgi.sock");
     let notify_path = dir.join("notify");
     let notify = NotifySocket::at(

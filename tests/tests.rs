@@ -23,4 +23,5 @@ mod graceful_stop;
 mod harness_selftest;
 mod load;
 mod peers;
+mod store;
 mod systemd;

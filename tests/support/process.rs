@@ -89,6 +89,16 @@ impl Drop for TempDir {
     }
 }
 
+/// A fresh [`TempDir`] the relay accepts as `REGISTER_STATE_DIR`: the store
+/// refuses a directory that is not private (mode 0700, this user's).
+pub fn private_dir(tag: &str) -> TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new(tag);
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))
+        .unwrap_or_else(|e| panic!("chmod 0700 {}: {e}", dir.path().display()));
+    dir
+}
+
 /// Polls `child` until it exits or `timeout` passes.
 pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
