@@ -10,6 +10,25 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Every environment variable the program reads as a setting, in the order
+/// `--help`, the man page and the README list them (tests check all three,
+/// and `Config::from_lookup`, against this). `RUST_LOG` is read by the
+/// logger, the rest here. A new setting is a line here, in `--help`, in the
+/// man page and in the README's table.
+pub const VARIABLES: &[&str] = &[
+    "REGISTER_BOT_ADDR",
+    "REGISTER_BOT_TIMEOUT",
+    "REGISTER_BOT_RETRY",
+    "REGISTER_WIRE",
+    "REGISTER_TEMPLATE",
+    "REGISTER_REPLAY_TTL",
+    "REGISTER_STATE_DIR",
+    "REGISTER_REPLAY_MAX",
+    "REGISTER_MAX_CONNS",
+    "REGISTER_FCGI_TIMEOUT",
+    "RUST_LOG",
+];
+
 /// Where the bot listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum BotAddr {
@@ -338,6 +357,26 @@ mod tests {
             let text = err.to_string();
             assert!(text.starts_with(var), "{text}");
         }
+    }
+
+    #[test]
+    fn variables_are_the_ones_read() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        Config::from_lookup(|name| {
+            asked.borrow_mut().push(name.to_string());
+            None
+        })
+        .unwrap();
+        let mut asked = asked.into_inner();
+        asked.sort();
+        asked.dedup();
+        let mut listed: Vec<String> = VARIABLES
+            .iter()
+            .filter(|v| **v != "RUST_LOG")
+            .map(|v| v.to_string())
+            .collect();
+        listed.sort();
+        assert_eq!(asked, listed);
     }
 
     #[test]

@@ -25,3 +25,4 @@ pub mod relay;
 pub mod replay;
 pub mod server;
 pub mod sys;
+pub mod systemd;

@@ -17,13 +17,15 @@ use tourney_register::outcome::Outcome;
 use tourney_register::page::Page;
 use tourney_register::relay::{self, Relay};
 use tourney_register::server::{self, Status};
+use tourney_register::systemd::{self, PassedSocket};
 use tourney_register::{cgi, sys};
 
 const USAGE: &str = "\
 tourney-register: finishes an osu! OAuth sign-up and hands the code to the tournament bot.
 
 Usage:
-  tourney-register                    CGI, or FastCGI when fd 0 is a listening socket (mod_fcgid)
+  tourney-register                    CGI, or FastCGI when fd 0 is a listening socket (mod_fcgid),
+                                      or a FastCGI server on the socket systemd passes (LISTEN_FDS)
   tourney-register --listen ADDR      FastCGI server on HOST:PORT or unix:/path (mod_proxy_fcgi, nginx)
   tourney-register --help | --version
 
@@ -64,6 +66,8 @@ enum Failure {
     /// A setting, the template or the replay store's directory that
     /// cannot be used (FastCGI modes).
     Start(String),
+    /// The service manager passed a socket that cannot be served.
+    Activation(String),
     /// The `--listen` address cannot be bound.
     Listen { addr: String, error: std::io::Error },
     /// Serving failed (signals could not be set up, the listener broke).
@@ -73,7 +77,10 @@ enum Failure {
 impl Failure {
     fn exit_code(&self) -> ExitCode {
         match self {
-            Failure::Usage(_) | Failure::Start(_) | Failure::Listen { .. } => ExitCode::from(2),
+            Failure::Usage(_)
+            | Failure::Start(_)
+            | Failure::Activation(_)
+            | Failure::Listen { .. } => ExitCode::from(2),
             Failure::Serve(_) => ExitCode::FAILURE,
         }
     }
@@ -82,7 +89,9 @@ impl Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::Usage(msg) | Failure::Start(msg) => f.write_str(msg),
+            Failure::Usage(msg) | Failure::Start(msg) | Failure::Activation(msg) => {
+                f.write_str(msg)
+            }
             Failure::Listen { addr, error } => write!(f, "cannot listen on {addr}: {error}"),
             Failure::Serve(error) => write!(f, "{error}"),
         }
@@ -112,6 +121,9 @@ enum Socket {
     Inherited(Listener),
     /// An address to bind (`--listen`): many connections at once.
     Listen(String),
+    /// The socket a service manager passed as fd 3 (socket activation):
+    /// served exactly as `--listen`.
+    Activated(PassedSocket),
 }
 
 /// The whole program; every way it stops short is a [`Failure`].
@@ -120,9 +132,17 @@ fn run(args: impl Iterator<Item = String>) -> Result<(), Failure> {
         return Ok(());
     };
     init_logging();
-    let transport = match mode {
-        Mode::Listen(addr) => Transport::FastCgi(Socket::Listen(addr)),
-        Mode::Auto => match Listener::from_stdin() {
+    // First, before anything opens a file that could take fd 3.
+    let passed = systemd::take_listen_socket().map_err(Failure::Activation)?;
+    let transport = match (mode, passed) {
+        (Mode::Listen(_), Some(_)) => {
+            return Err(Failure::Activation(
+                "--listen given, but the service manager passed a socket too: use one".into(),
+            ));
+        }
+        (Mode::Auto, Some(passed)) => Transport::FastCgi(Socket::Activated(passed)),
+        (Mode::Listen(addr), None) => Transport::FastCgi(Socket::Listen(addr)),
+        (Mode::Auto, None) => match Listener::from_stdin() {
             Some(listener) => Transport::FastCgi(Socket::Inherited(listener)),
             None => Transport::Cgi,
         },
@@ -150,14 +170,30 @@ fn run(args: impl Iterator<Item = String>) -> Result<(), Failure> {
         Socket::Listen(addr) => {
             let listener =
                 Listener::bind(&addr).map_err(|error| Failure::Listen { addr, error })?;
-            // Few arenas: the pipeline allocates little, and each
-            // connection thread's own arena would hold on to its memory.
-            sys::limit_malloc_arenas(2);
-            relay.start_housekeeping();
-            server::serve_pool(Arc::new(relay), listener, &limits, status)
+            serve_concurrently(relay, listener, &limits, status)
+        }
+        Socket::Activated(PassedSocket { listener, name }) => {
+            log::info!(
+                "socket {name:?} on fd {} from the service manager",
+                systemd::LISTEN_FDS_START
+            );
+            serve_concurrently(relay, listener, &limits, status)
         }
     }
     .map_err(Failure::Serve)
+}
+
+fn serve_concurrently(
+    relay: Relay,
+    listener: Listener,
+    limits: &Limits,
+    status: Arc<Status>,
+) -> std::io::Result<()> {
+    // Few arenas: the pipeline allocates little, and each connection
+    // thread's own arena would hold on to its memory.
+    sys::limit_malloc_arenas(2);
+    relay.start_housekeeping();
+    server::serve_pool(Arc::new(relay), listener, limits, status)
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Mode>, String> {

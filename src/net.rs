@@ -174,7 +174,11 @@ impl Listener {
                 .local_addr()
                 .map_or_else(|_| "tcp".into(), |a| a.to_string()),
             Listener::Unix(_, Some(p)) => format!("unix:{}", p.display()),
-            Listener::Unix(l, None) => format!("inherited fd {}", l.as_raw_fd()),
+            Listener::Unix(l, None) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_else(|| format!("inherited fd {}", l.as_raw_fd())),
         }
     }
 

@@ -27,10 +27,10 @@ pub enum Inherited {
 /// The caller promises that nothing else in the process uses `fd`: it
 /// moves into the returned value and is closed with it.
 pub fn take_listening_socket(fd: RawFd) -> Option<Inherited> {
-    if int_sockopt(fd, libc::SO_ACCEPTCONN)? == 0 {
+    if socket_option(fd, libc::SO_ACCEPTCONN)? == 0 {
         return None;
     }
-    let domain = int_sockopt(fd, libc::SO_DOMAIN)?;
+    let domain = socket_option(fd, libc::SO_DOMAIN)?;
     // SAFETY: fd is an open listening socket (getsockopt just said so) that,
     // by this function's contract, nothing else in the process owns.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -41,7 +41,9 @@ pub fn take_listening_socket(fd: RawFd) -> Option<Inherited> {
     })
 }
 
-fn int_sockopt(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
+/// `getsockopt(SOL_SOCKET, opt)` as an int; `None` when `fd` is not an
+/// open socket.
+pub fn socket_option(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: valid out-pointers of the right size; a bad fd only errors.
@@ -55,6 +57,45 @@ fn int_sockopt(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
         )
     };
     (rc == 0).then_some(value)
+}
+
+/// Marks `fd` close-on-exec, so that nothing this process might start
+/// inherits it.
+pub fn set_cloexec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on an integer fd has no memory effects; a bad fd only
+    // errors.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Unsets the environment variables `names`, but only while this process
+/// has one thread: another could be reading the environment at the same
+/// moment. Returns whether they were unset.
+pub fn unset_env_if_single_threaded(names: &[&str]) -> bool {
+    if thread_count() != Some(1) {
+        return false;
+    }
+    for name in names {
+        // SAFETY: this is the process's only thread (just checked), so
+        // nothing reads or writes the environment concurrently.
+        unsafe { std::env::remove_var(name) };
+    }
+    true
+}
+
+fn thread_count() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 /// Waits until one of `fds` is ready or `timeout` passes (`None`: no
@@ -136,7 +177,7 @@ pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
         if poll(&mut fds, Some(timeout))? == 0 {
             return Err(io::ErrorKind::TimedOut.into());
         }
-        match int_sockopt(fd, libc::SO_ERROR) {
+        match socket_option(fd, libc::SO_ERROR) {
             None => return Err(io::Error::last_os_error()),
             Some(0) => {}
             Some(e) => return Err(io::Error::from_raw_os_error(e)),
@@ -178,7 +219,7 @@ pub fn connect_tcp(addr: &SocketAddr, timeout: Duration) -> io::Result<TcpStream
             if poll(&mut fds, Some(timeout))? == 0 {
                 return Err(io::ErrorKind::TimedOut.into());
             }
-            match int_sockopt(fd, libc::SO_ERROR) {
+            match socket_option(fd, libc::SO_ERROR) {
                 None => Err(io::Error::last_os_error()),
                 Some(0) => Ok(TcpStream::from(owned)),
                 Some(e) => Err(io::Error::from_raw_os_error(e)),

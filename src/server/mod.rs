@@ -7,6 +7,9 @@
 //! - `--listen` (mod_proxy_fcgi, nginx): one long-lived process serves
 //!   many connections at once from a [`pool::Pool`] ([`serve_pool`]).
 //!
+//! With `NOTIFY_SOCKET` set, both tell the service manager ([`systemd`])
+//! when they serve, when a stop begins, and how many requests they served.
+//!
 //! A stop signal ([`stop`]) ends the accepting; requests in flight
 //! finish, bounded by the bot timeout, and the process exits 0. A code the
 //! bot has received always gets its answer back to the player.
@@ -29,6 +32,7 @@ use crate::limits::Limits;
 use crate::net::Listener;
 use crate::relay::Relay;
 use crate::sys;
+use crate::systemd;
 use pool::{Counter, Pool, lock};
 use stop::StopSignal;
 
@@ -98,7 +102,9 @@ pub fn serve_serial(
         .stack_size(64 * 1024)
         .spawn(move || end_idle_on_stop(watcher, &watched, &watched_status))?;
     let handler = |req: &Request| status.handle(relay, req);
-    info!("serving FastCGI on {}", listener.describe());
+    let listening = listener.describe();
+    info!("serving FastCGI on {listening}");
+    let notify = systemd::notify_ready(&listening, &stop, status.clone());
     while let Some(mut stream) = stop.next_connection(&listener)? {
         *lock(&current) = Some(stream.fd());
         let _open = status.open.register();
@@ -108,6 +114,7 @@ pub fn serve_serial(
         *lock(&current) = None;
     }
     status.begin_stopping();
+    notify.stopping();
     info!("stop requested, exiting");
     Ok(())
 }
@@ -146,15 +153,17 @@ pub fn serve_pool(
 ) -> io::Result<()> {
     let stop = StopSignal::install()?;
     let pool = Pool::new(relay, *limits, status.clone());
+    let listening = listener.describe();
     info!(
-        "listening on {} (up to {} connections)",
-        listener.describe(),
+        "listening on {listening} (up to {} connections)",
         limits.max_conns
     );
+    let notify = systemd::notify_ready(&listening, &stop, status.clone());
     while let Some(stream) = stop.next_connection(&listener)? {
         pool.dispatch(stream);
     }
     status.begin_stopping();
+    notify.stopping();
     info!("stop requested: no new connections; finishing requests in flight");
     drop(listener);
     pool.finish(limits.stop_grace);

@@ -181,28 +181,35 @@ impl Pool {
         }
     }
 
-    /// Lets requests in flight finish within `grace`, then gives answers
-    /// being written a moment.
+    /// Serves every connection accepted before the stop, within `grace`:
+    /// those still queued for a thread, those whose request is being read,
+    /// and requests in the pipeline. A connection with no request a second
+    /// after the last request ended is an idle keep-alive one, with nothing
+    /// to lose (answers are written right after the pipeline returns).
+    /// Under socket activation the connections not yet accepted stay in
+    /// the manager's socket for the next process.
     pub fn finish(self, grace: Duration) {
         let shared = &self.shared;
         lock(&shared.queue).closed = true;
         shared.ready.notify_all();
-        let deadline = Instant::now() + grace;
-        while shared.status.in_flight() > 0 && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(5));
-        }
-        let left = shared.status.in_flight();
-        if left > 0 {
-            warn!(
-                "{left} requests still in flight after {} ms; exiting anyway",
-                grace.as_millis()
-            );
-        }
-        // Answers are written right after the pipeline returns; give those
-        // writes a moment. A keep-alive connection still open after it is
-        // idle, with no request of its own to lose.
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while shared.status.open.get() > 0 && Instant::now() < deadline {
+        let started = Instant::now();
+        let mut last_busy = started;
+        loop {
+            let queued = !lock(&shared.queue).waiting.is_empty();
+            let in_flight = shared.status.in_flight();
+            if queued || in_flight > 0 {
+                last_busy = Instant::now();
+            } else if shared.status.open.get() == 0 || last_busy.elapsed() >= Duration::from_secs(1)
+            {
+                return;
+            }
+            if started.elapsed() >= grace {
+                warn!(
+                    "{in_flight} requests still in flight after {} ms; exiting anyway",
+                    grace.as_millis()
+                );
+                return;
+            }
             thread::sleep(Duration::from_millis(5));
         }
     }
