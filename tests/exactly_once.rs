@@ -78,23 +78,6 @@ fn relay_env<'a>(
     env
 }
 
-/// One CGI run of `GET ?query` with `env`; panics unless it exited 0.
-fn cgi(env: &[(&str, &str)], query: &str) -> (HttpLike, String) {
-    let mut all = vec![("REQUEST_METHOD", "GET"), ("QUERY_STRING", query)];
-    all.extend_from_slice(env);
-    let (page, stderr, status) = run_cgi(&all);
-    assert!(status.success(), "CGI exit {status}; stderr:\n{stderr}");
-    (page, stderr)
-}
-
-/// One FastCGI request on a fresh connection (as mod_fcgid sends it).
-fn fcgi(server: &Server, query: &str) -> FcgiReply {
-    let mut conn = server.connect();
-    let reply = fcgi_get(&mut conn, 1, query, false);
-    assert_eq!(reply.protocol_status, FCGI_REQUEST_COMPLETE, "{reply:?}");
-    reply
-}
-
 fn codes(bot: &Bot) -> Vec<String> {
     bot.received()
         .into_iter()
@@ -119,19 +102,19 @@ fn sequential_repeat_via_cgi_replays_the_first_answer() {
     let refuser = Bot::start("json", "refuse");
     let q = query("seq-cgi-code-1");
 
-    let (first, _) = cgi(&relay_env(approver.addr(), store.path_str(), &[]), &q);
+    let (first, _) = cgi_get(&relay_env(approver.addr(), store.path_str(), &[]), &q);
     assert_approved(&first);
-    let (second, _) = cgi(&relay_env(refuser.addr(), store.path_str(), &[]), &q);
+    let (second, _) = cgi_get(&relay_env(refuser.addr(), store.path_str(), &[]), &q);
     assert_approved(&second);
     // A third, pointed at the first bot again, for good measure.
-    let (third, _) = cgi(&relay_env(approver.addr(), store.path_str(), &[]), &q);
+    let (third, _) = cgi_get(&relay_env(approver.addr(), store.path_str(), &[]), &q);
     assert_approved(&third);
 
     assert_eq!(codes(&approver), ["seq-cgi-code-1"]);
     assert_eq!(codes(&refuser), Vec::<String>::new());
 
     // Another code is not caught by the first one's entry.
-    let (other, _) = cgi(
+    let (other, _) = cgi_get(
         &relay_env(refuser.addr(), store.path_str(), &[]),
         &query("seq-cgi-code-2"),
     );
@@ -149,12 +132,12 @@ fn sequential_repeat_via_fastcgi_fd0_replays_the_first_answer() {
     let q = query("seq-fd0-code");
     let mut one = Fd0Server::start(&env);
     for _ in 0..3 {
-        assert_approved(&fcgi(&one, &q).http());
+        assert_approved(&one.get(&q).http());
     }
     assert_eq!(codes(&bot), ["seq-fd0-code"]);
 
     let mut two = Fd0Server::start(&env);
-    assert_approved(&fcgi(&two, &q).http());
+    assert_approved(&two.get(&q).http());
     assert_eq!(codes(&bot), ["seq-fd0-code"]);
     assert!(one.stop().success());
     assert!(two.stop().success());
@@ -173,7 +156,7 @@ fn sequential_repeat_via_listen_replays_the_first_answer() {
         assert_eq!(reply.protocol_status, FCGI_REQUEST_COMPLETE);
         assert_approved(&reply.http());
     }
-    assert_approved(&fcgi(&server, &q).http());
+    assert_approved(&server.get(&q).http());
     assert_eq!(codes(&bot), ["seq-listen-code"]);
     assert!(server.stop().success());
 }
@@ -189,12 +172,12 @@ fn refusal_then_repeat_shows_the_same_refusal_without_a_second_contact() {
     let approver = Bot::start("json", "approve");
     let q = query("refused-code");
 
-    let (first, _) = cgi(&relay_env(refuser.addr(), store.path_str(), &[]), &q);
+    let (first, _) = cgi_get(&relay_env(refuser.addr(), store.path_str(), &[]), &q);
     assert_page(&first, 200, false, REFUSED);
     // The repeat would be approved if it reached a bot: it must not.
-    let (second, _) = cgi(&relay_env(approver.addr(), store.path_str(), &[]), &q);
+    let (second, _) = cgi_get(&relay_env(approver.addr(), store.path_str(), &[]), &q);
     assert_page(&second, 200, false, REFUSED);
-    let (third, _) = cgi(&relay_env(refuser.addr(), store.path_str(), &[]), &q);
+    let (third, _) = cgi_get(&relay_env(refuser.addr(), store.path_str(), &[]), &q);
     assert_page(&third, 200, false, REFUSED);
 
     assert_eq!(codes(&refuser), ["refused-code"]);
@@ -297,7 +280,7 @@ fn concurrent_repeats_across_cgi_processes_reach_the_bot_once() {
                 let (barrier, q, env) = (&barrier, &q, &env);
                 s.spawn(move || {
                     barrier.wait();
-                    cgi(env, q).0
+                    cgi_get(env, q).0
                 })
             })
             .collect();
@@ -322,7 +305,7 @@ fn a_failed_delivery_is_not_stored_so_the_reload_delivers() {
     let env = relay_env(&down, store.path_str(), &[("REGISTER_BOT_RETRY", "0")]);
     let q = query("bot-was-down-code");
 
-    let (first, _) = cgi(&env, &q);
+    let (first, _) = cgi_get(&env, &q);
     assert_page(&first, 503, false, NOT_USED);
     assert!(first.body.contains("Try again"), "{}", first.body);
 
@@ -332,11 +315,11 @@ fn a_failed_delivery_is_not_stored_so_the_reload_delivers() {
     drop(refusing);
     let bot = Bot::start_with("json", "approve", &["--port", &port]);
     assert_eq!(bot.addr(), down);
-    let (reload, _) = cgi(&env, &q);
+    let (reload, _) = cgi_get(&env, &q);
     assert_approved(&reload);
     assert_eq!(codes(&bot), ["bot-was-down-code"]);
     // And from now on it is the stored answer.
-    let (again, _) = cgi(&env, &q);
+    let (again, _) = cgi_get(&env, &q);
     assert_approved(&again);
     assert_eq!(codes(&bot), ["bot-was-down-code"]);
 }
@@ -357,11 +340,11 @@ fn after_the_ttl_the_same_code_is_delivered_again() {
     let ttl = [("REGISTER_REPLAY_TTL", "1")];
     let q = query("ttl-code");
 
-    let (first, _) = cgi(&relay_env(first_bot.addr(), store.path_str(), &ttl), &q);
+    let (first, _) = cgi_get(&relay_env(first_bot.addr(), store.path_str(), &ttl), &q);
     let answered = Instant::now();
     assert_approved(&first);
     let second_env = relay_env(second_bot.addr(), store.path_str(), &ttl);
-    let (repeat, _) = cgi(&second_env, &q);
+    let (repeat, _) = cgi_get(&second_env, &q);
     assert!(
         answered.elapsed() < Duration::from_millis(900),
         "the immediate repeat came too late to test the replay"
@@ -372,7 +355,7 @@ fn after_the_ttl_the_same_code_is_delivered_again() {
     // Repeat until the second bot gets it; bounded, and never before the TTL.
     let deadline = answered + Duration::from_secs(6);
     let page = loop {
-        let (page, _) = cgi(&second_env, &q);
+        let (page, _) = cgi_get(&second_env, &q);
         if !codes(&second_bot).is_empty() {
             break page;
         }
@@ -415,12 +398,12 @@ fn the_store_holds_no_code_or_state_in_clear() {
     let refuser = Bot::start("json", "refuse");
     let code_a = "def50200SecretCodeAlpha0123456789";
     let code_b = "def50200SecretCodeBravo9876543210";
-    let (page, _) = cgi(&relay_env(approver.addr(), dir_str, &[]), &query(code_a));
+    let (page, _) = cgi_get(&relay_env(approver.addr(), dir_str, &[]), &query(code_a));
     assert_approved(&page);
     let mut server = Fd0Server::start(&relay_env(refuser.addr(), dir_str, &[]));
-    assert_page(&fcgi(&server, &query(code_b)).http(), 200, false, REFUSED);
+    assert_page(&server.get(&query(code_b)).http(), 200, false, REFUSED);
     // A replay too, in case reading leaves something behind.
-    assert_approved(&fcgi(&server, &query(code_a)).http());
+    assert_approved(&server.get(&query(code_a)).http());
     assert!(server.stop().success());
     assert_eq!(codes(&approver), [code_a]);
     assert_eq!(codes(&refuser), [code_b]);
@@ -474,7 +457,7 @@ fn silent_bot_repeat(lag: Duration) -> (HttpLike, HttpLike, Duration, Vec<String
     ));
     let q = query("in-flight-code");
     let (first, second, repeat_took) = thread::scope(|s| {
-        let first = s.spawn(|| fcgi(&server, &q).http());
+        let first = s.spawn(|| server.get(&q).http());
         assert_eq!(
             bot.wait_received(1, Duration::from_secs(5)).len(),
             1,
@@ -482,7 +465,7 @@ fn silent_bot_repeat(lag: Duration) -> (HttpLike, HttpLike, Duration, Vec<String
         );
         thread::sleep(lag);
         let started = Instant::now();
-        let second = fcgi(&server, &q).http();
+        let second = server.get(&q).http();
         let took = started.elapsed();
         (first.join().unwrap(), second, took)
     });

@@ -40,21 +40,6 @@ fn relay_env<'a>(
     env
 }
 
-fn cgi(env: &[(&str, &str)], query: &str) -> (HttpLike, String) {
-    let mut all = vec![("REQUEST_METHOD", "GET"), ("QUERY_STRING", query)];
-    all.extend_from_slice(env);
-    let (page, stderr, status) = run_cgi(&all);
-    assert!(status.success(), "CGI exit {status}; stderr:\n{stderr}");
-    (page, stderr)
-}
-
-fn fcgi(server: &Server, query: &str) -> HttpLike {
-    let mut conn = server.connect();
-    let reply = fcgi_get(&mut conn, 1, query, false);
-    assert_eq!(reply.protocol_status, FCGI_REQUEST_COMPLETE, "{reply:?}");
-    reply.http()
-}
-
 fn codes(bot: &Bot) -> Vec<String> {
     bot.received().into_iter().map(|r| r.code).collect()
 }
@@ -127,12 +112,12 @@ fn a_flood_of_codes_keeps_the_store_at_its_size_and_the_latest_still_replay() {
 
     // The last eight codes are within every bucket's newest eight.
     for code in &sent[N - 8..] {
-        let page = fcgi(&server, &query(code));
+        let page = server.get(&query(code)).http();
         assert_answer_page(&page, true, APPROVED);
     }
     assert_eq!(codes(&bot).len(), N, "a replay reached the bot");
     // An early one made room for the later ones and is delivered again.
-    let page = fcgi(&server, &query(&sent[0]));
+    let page = server.get(&query(&sent[0])).http();
     assert_eq!(page.status, 200);
     assert_eq!(codes(&bot).len(), N + 1);
     assert!(server.stop().success());
@@ -165,7 +150,7 @@ fn relays_with_different_sizes_share_one_table_and_deliver_once() {
         unreachable!()
     };
     assert_eq!(bot.wait_received(1, Duration::from_secs(15)).len(), 1);
-    let (page, stderr) = cgi(&second_env, &q);
+    let (page, stderr) = cgi_get(&second_env, &q);
     assert_answer_page(&page, true, APPROVED);
     assert!(stderr.contains("outcome=approved-replayed"), "{stderr}");
     assert!(stderr.contains("REGISTER_REPLAY_MAX"), "{stderr}");
@@ -173,7 +158,7 @@ fn relays_with_different_sizes_share_one_table_and_deliver_once() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("aria-label=\"Success\""));
     // Later, with the default size again: still the one table.
-    assert_answer_page(&cgi(&second_env, &q).0, true, APPROVED);
+    assert_answer_page(&cgi_get(&second_env, &q).0, true, APPROVED);
     assert_eq!(codes(&bot), [code]);
     assert_eq!(names(store.path()), ["replay.table"]);
     let len = fs::metadata(store.join("replay.table")).unwrap().len();
@@ -198,7 +183,7 @@ fn cgi_alone_zeroes_expired_entries_within_the_bound() {
         &[("REGISTER_REPLAY_TTL", "1"), ("REGISTER_REPLAY_MAX", "64")],
     );
     for _ in 0..10 {
-        let (page, _) = cgi(&env, &query(&unique("sweep", 32)));
+        let (page, _) = cgi_get(&env, &query(&unique("sweep", 32)));
         assert_eq!(page.status, 200);
     }
     let answered = std::time::Instant::now();
@@ -208,7 +193,7 @@ fn cgi_alone_zeroes_expired_entries_within_the_bound() {
     let mut pokes = 0;
     let gone = wait_until(Duration::from_secs(20), || {
         pokes += 1;
-        let (page, _) = cgi(&env, "state=no-code-here");
+        let (page, _) = cgi_get(&env, "state=no-code-here");
         assert_eq!(page.status, 400);
         if live_entries(store.path()) == 0 {
             return true;
@@ -246,7 +231,7 @@ fn long_running_relays_zero_expired_entries_without_further_requests() {
             Box::new(Fd0Server::start(&env))
         };
         for _ in 0..5 {
-            assert_eq!(fcgi(&server, &query(&unique("bg", 32))).status, 200);
+            assert_eq!(server.get(&query(&unique("bg", 32))).http().status, 200);
         }
         assert_eq!(live_entries(store.path()), 5, "listen={listen}");
         assert!(
@@ -269,7 +254,7 @@ fn assert_refused(store: &Path, expect: &str) {
     let bot = Bot::start("json", "approve");
     let dir = store.to_str().unwrap();
     let env = relay_env(bot.addr(), dir, &[]);
-    let (page, stderr) = cgi(&env, &query(&unique("refused", 32)));
+    let (page, stderr) = cgi_get(&env, &query(&unique("refused", 32)));
     assert_eq!(page.status, 500, "{stderr}");
     let line = stderr
         .lines()
@@ -402,16 +387,16 @@ fn kill9(flight: InFlight) {
 
 fn repeat_in(mode: Mode, env: &[(&str, &str)], query: &str) -> HttpLike {
     match mode {
-        Mode::Cgi => cgi(env, query).0,
+        Mode::Cgi => cgi_get(env, query).0,
         Mode::Fd0 => {
             let mut server = Fd0Server::start(env);
-            let page = fcgi(&server, query);
+            let page = server.get(query).http();
             assert!(server.stop().success());
             page
         }
         Mode::Listen => {
             let mut server = ListenServer::start_unix(env);
-            let page = fcgi(&server, query);
+            let page = server.get(query).http();
             assert!(server.stop().success());
             page
         }
@@ -486,7 +471,7 @@ fn a_repeat_waiting_on_a_relay_that_is_killed_gets_the_unconfirmed_page() {
     assert_eq!(bot.wait_received(1, Duration::from_secs(15)).len(), 1);
     let mut waiter = Fd0Server::start(&env);
     let page = thread::scope(|s| {
-        let pending = s.spawn(|| fcgi(&waiter, &q));
+        let pending = s.spawn(|| waiter.get(&q).http());
         thread::sleep(Duration::from_secs(1));
         kill9(flight);
         pending.join().unwrap()
@@ -541,7 +526,7 @@ fn a_full_disk_costs_only_the_duplicate_protection() {
     );
     let code = unique("full", 40);
     for round in 1..=2 {
-        let (page, stderr) = cgi(&env, &query(&code));
+        let (page, stderr) = cgi_get(&env, &query(&code));
         assert_answer_page(&page, true, APPROVED);
         assert!(
             stderr

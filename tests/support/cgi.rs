@@ -164,3 +164,13 @@ pub fn run_cgi(env: &[(&str, &str)]) -> (HttpLike, String, ExitStatus) {
     run.assert_finished();
     (run.http(), run.stderr, run.status)
 }
+
+/// One CGI run of `GET ?query` with `env` on top: the page and stderr;
+/// panics unless it exited 0.
+pub fn cgi_get(env: &[(&str, &str)], query: &str) -> (HttpLike, String) {
+    let mut all = vec![("REQUEST_METHOD", "GET"), ("QUERY_STRING", query)];
+    all.extend_from_slice(env);
+    let (page, stderr, status) = run_cgi(&all);
+    assert!(status.success(), "CGI exit {status}; stderr:\n{stderr}");
+    (page, stderr)
+}

@@ -13,6 +13,7 @@ use std::process::{Child, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::fcgi::{FCGI_REQUEST_COMPLETE, FcgiReply, fcgi_get};
 use super::ports::free_port;
 use super::process::{
     POLL, STOP_TIMEOUT, TempDir, bin, bin_command, kill_and_reap, read_text, send_signal,
@@ -207,6 +208,15 @@ impl Server {
             stdout,
             dir,
         }
+    }
+
+    /// One `GET ?query` on a fresh connection, as mod_fcgid sends it;
+    /// panics unless the request completed.
+    pub fn get(&self, query: &str) -> FcgiReply {
+        let mut conn = self.connect();
+        let reply = fcgi_get(&mut conn, 1, query, false);
+        assert_eq!(reply.protocol_status, FCGI_REQUEST_COMPLETE, "{reply:?}");
+        reply
     }
 
     /// Connects (read/write timeouts [`IO_TIMEOUT`]); panics on failure.
