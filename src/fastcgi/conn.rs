@@ -493,7 +493,8 @@ fn request_of(id: u16, params: &[u8]) -> Option<Request> {
     request
 }
 
-fn plain_text(status: u16, body: &str) -> Vec<u8> {
+/// A short plain-text answer in CGI form, for what the core answers itself.
+pub(super) fn plain_text(status: u16, body: &str) -> Vec<u8> {
     let resp = Response {
         status,
         headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],

@@ -79,14 +79,7 @@ mod tests {
     const OVERLOADED: u8 = ProtocolStatus::Overloaded as u8;
     const UNKNOWN_ROLE: u8 = ProtocolStatus::UnknownRole as u8;
 
-    fn plain_text(status: u16, body: &str) -> Vec<u8> {
-        let resp = Response {
-            status,
-            headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
-            body: body.as_bytes().to_vec(),
-        };
-        resp.to_cgi_bytes(false)
-    }
+    use super::conn::plain_text;
 
     fn far() -> Instant {
         Instant::now() + Duration::from_secs(60)
