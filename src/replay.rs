@@ -735,10 +735,32 @@ impl Inner {
         state[8..].copy_from_slice(&next_last.to_le_bytes());
         self.file.write_all_at(&state, SWEEP_STATE as u64)?;
         drop(header_guard);
-        for k in 0..count {
-            self.sweep_bucket((from + k) % self.buckets)?;
+        // Most buckets have nothing to do: look at them SWEEP_READ at a time,
+        // in one read, before locking any.
+        let mut page = vec![0u8; BUCKET * SWEEP_READ as usize];
+        let mut k = 0;
+        while k < count {
+            let first = (from + k) % self.buckets;
+            let n = (count - k).min(SWEEP_READ).min(self.buckets - first);
+            let run = &mut page[..n as usize * BUCKET];
+            read_at(&self.file, run, self.slot_offset(first, 0))?;
+            let now = now_nanos();
+            for (j, bucket) in run.chunks(BUCKET).enumerate() {
+                let slots: Vec<Slot> = bucket.chunks(SLOT).map(Slot::decode).collect();
+                if !self.expired(&slots, now).is_empty() {
+                    self.sweep_bucket(first + j as u64)?;
+                }
+            }
+            k += n;
         }
         Ok(())
+    }
+
+    /// The entries of a bucket whose time is up.
+    fn expired(&self, slots: &[Slot], now: u64) -> Vec<usize> {
+        (0..slots.len())
+            .filter(|&i| slots[i].entry != Entry::Empty && slots[i].expired(now, self.ttl))
+            .collect()
     }
 
     /// Removes up to [`OLD_LAYOUT_BATCH`] files of the older layout, if no
@@ -773,20 +795,11 @@ impl Inner {
 
     /// Zeroes the expired entries of one bucket that nobody holds.
     fn sweep_bucket(&self, bucket: u64) -> io::Result<()> {
-        let expired = |slots: &[Slot], now| {
-            (0..slots.len())
-                .filter(|&i| slots[i].entry != Entry::Empty && slots[i].expired(now, self.ttl))
-                .collect::<Vec<_>>()
-        };
-        // Most buckets have nothing to do: look before locking.
-        if expired(&self.read_bucket(bucket)?, now_nanos()).is_empty() {
-            return Ok(());
-        }
         let deadline = Instant::now() + Duration::from_millis(100);
         let Some(_bucket_guard) = self.lock(self.bucket_lock(bucket), deadline)? else {
             return Ok(()); // busy: next lap
         };
-        for i in expired(&self.read_bucket(bucket)?, now_nanos()) {
+        for i in self.expired(&self.read_bucket(bucket)?, now_nanos()) {
             if let Some(_slot_guard) = self.try_lock(self.slot_lock(bucket, i))? {
                 self.write_slot(self.slot_offset(bucket, i), &EMPTY)?;
             }
@@ -794,6 +807,9 @@ impl Inner {
         Ok(())
     }
 }
+
+/// Buckets that housekeeping reads at once (64 KiB).
+const SWEEP_READ: u64 = 16;
 
 /// How many files of the older layout one housekeeping step removes.
 const OLD_LAYOUT_BATCH: usize = 2000;
