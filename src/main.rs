@@ -251,11 +251,13 @@ fn run_cgi(relay: Result<Relay, String>, started: Instant) {
     if let Err(e) = cgi::write_response(&req, &response) {
         log::error!("cannot write the response: {e}");
     }
-    // The web server has the whole answer once stdout is closed; the
-    // housekeeping step after it delays no one.
+    // The web server has the whole answer once the standard streams are
+    // let go; the housekeeping step after it delays no one. A step can
+    // only be logged where nobody reads: the long-running modes log theirs.
     if let Ok(relay) = &relay {
-        if let Err(e) = sys::release_stdout() {
-            log::warn!("cannot close stdout: {e}");
+        if let Err(e) = sys::release_standard_streams() {
+            log::warn!("cannot let go of the standard streams, no housekeeping: {e}");
+            return;
         }
         relay.housekeep();
     }

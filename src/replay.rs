@@ -146,6 +146,9 @@ struct Inner {
     waiting: AtomicUsize,
     /// This process's id, written into intents (`getpid` is not cached).
     pid: u32,
+    /// Set once this process has said that `replay.table` is no longer the
+    /// file it has open.
+    replaced: AtomicBool,
 }
 
 /// What a slot holds.
@@ -399,6 +402,7 @@ impl Store {
                 file,
                 dir: dir_fd,
                 old_layout_left: AtomicBool::new(old_layout_left),
+                replaced: AtomicBool::new(false),
                 buckets,
                 salt,
                 ttl,
@@ -715,6 +719,7 @@ impl Inner {
     }
 
     fn housekeep(&self) -> io::Result<()> {
+        self.check_still_the_table();
         if self.old_layout_left.load(Ordering::Relaxed) {
             self.remove_old_layout()?;
         }
@@ -754,6 +759,38 @@ impl Inner {
             k += n;
         }
         Ok(())
+    }
+
+    /// Says once, loudly, when the directory's `replay.table` is no longer
+    /// the file this process has open (an operator removed, truncated or
+    /// replaced it; the next relay to start then made a new one): until
+    /// this process is restarted, a code could reach the bot once through
+    /// each table.
+    fn check_still_the_table(&self) {
+        if self.replaced.load(Ordering::Relaxed) {
+            return;
+        }
+        let ours = self.file.metadata();
+        let named = sys::open_at(&self.dir, TABLE.as_bytes(), false)
+            .map(File::from)
+            .and_then(|f| f.metadata());
+        let same = match (&ours, &named) {
+            (Ok(a), Ok(b)) => {
+                a.dev() == b.dev()
+                    && a.ino() == b.ino()
+                    && a.len() == HEADER as u64 + self.buckets * BUCKET as u64
+            }
+            (_, Err(e)) if e.kind() != io::ErrorKind::NotFound => return, // cannot tell
+            _ => false,
+        };
+        if !same {
+            self.replaced.store(true, Ordering::Relaxed);
+            log::error!(
+                "replay store: replay.table was removed, cut short or replaced while this relay \
+                 ran; this process keeps the table it opened, so a repeat of a code may reach the \
+                 bot again through another relay: restart the relay"
+            );
+        }
     }
 
     /// The entries of a bucket whose time is up.

@@ -513,12 +513,25 @@ pub fn lower_thread_priority() {
     }
 }
 
-/// Points stdout at /dev/null, so that a CGI response is complete for the
-/// web server while the process goes on with its housekeeping.
-pub fn release_stdout() -> io::Result<()> {
-    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
-    // SAFETY: both descriptors are valid; dup2 replaces fd 1 atomically.
-    check(unsafe { libc::dup2(null.as_raw_fd(), libc::STDOUT_FILENO) })
+/// Lets go of everything the web server waits on, so that a CGI response
+/// is complete while the process goes on with its housekeeping: mod_cgi
+/// waits for stdout and stderr to close, mod_cgid hands over one socket as
+/// both stdin and stdout. Stdin, stdout and stderr all become /dev/null
+/// (nothing is logged after this).
+pub fn release_standard_streams() -> io::Result<()> {
+    // SAFETY: shutdown on a descriptor that is not a socket only fails
+    // (ENOTSOCK), which is ignored; the end of stream goes out at once even
+    // if another descriptor shares the socket.
+    unsafe { libc::shutdown(libc::STDOUT_FILENO, libc::SHUT_WR) };
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    for fd in [libc::STDIN_FILENO, libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+        // SAFETY: both descriptors are valid; dup2 replaces `fd` atomically.
+        check(unsafe { libc::dup2(null.as_raw_fd(), fd) })?;
+    }
+    Ok(())
 }
 
 /// Caps glibc's malloc arenas. glibc gives each new thread its own arena

@@ -243,6 +243,110 @@ fn long_running_relays_zero_expired_entries_without_further_requests() {
     }
 }
 
+/// Where the table's lock bytes begin (one per bucket, then one per
+/// entry, 16 per bucket), past any offset the table uses.
+const LOCKS: u64 = 1 << 50;
+
+#[test]
+fn a_cgi_answer_is_complete_while_its_housekeeping_still_runs() {
+    let bot = Bot::start("json", "approve");
+    let store = private_dir("hk");
+    let env = relay_env(
+        bot.addr(),
+        store.path_str(),
+        &[("REGISTER_REPLAY_TTL", "1"), ("REGISTER_REPLAY_MAX", "800")],
+    );
+    for _ in 0..60 {
+        assert_eq!(cgi_get(&env, &query(&unique("hk", 32))).0.status, 200);
+    }
+    // Past the TTL (and one housekeeping lap): every entry is due.
+    thread::sleep(Duration::from_millis(2100));
+    // Another process holds every bucket's lock byte, so housekeeping
+    // waits on each bucket with an expired entry before giving it up.
+    let table = store.join("replay.table");
+    let mut holder = Command::new("python3")
+        .args(["-c", "import fcntl, sys, time\n\
+                      f = open(sys.argv[1], 'r+b')\n\
+                      fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB, int(sys.argv[3]), int(sys.argv[2]))\n\
+                      print('locked', flush=True)\n\
+                      time.sleep(60)"])
+        .arg(&table)
+        .arg(LOCKS.to_string())
+        .arg((100 * 16).to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().expect("piped")),
+        &mut line,
+    )
+    .expect("the holder's line");
+    assert_eq!(line.trim(), "locked");
+
+    // As mod_cgid starts a script: one socket as stdin and stdout; stderr
+    // a pipe, which mod_cgi also waits for.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    ours.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut cmd = Command::new(bin());
+    cmd.env_clear()
+        .envs(env.iter().copied())
+        .env("REQUEST_METHOD", "GET")
+        .env("QUERY_STRING", "state=no-code-here")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(
+            theirs.try_clone().expect("clone"),
+        )))
+        .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("the relay");
+    let mut answer = Vec::new();
+    std::io::Read::read_to_end(&mut (&ours), &mut answer).expect("the answer to its end");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut stderr)
+        .expect("stderr to its end");
+    // Both streams ended while the process is still sweeping.
+    let running = child.try_wait().expect("try_wait").is_none();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let exit = wait_bounded(&mut child, Duration::from_secs(60));
+    assert!(
+        running,
+        "the streams ended only when the process exited; stderr:\n{stderr}"
+    );
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+    let page = parse_cgi(&answer);
+    assert_eq!(page.status, 400, "{stderr}");
+    assert!(stderr.contains("outcome=missing-param"), "{stderr}");
+}
+
+#[test]
+fn a_long_running_relay_says_when_its_table_was_replaced() {
+    let bot = Bot::start("json", "approve");
+    let store = private_dir("gone");
+    let env = relay_env(
+        bot.addr(),
+        store.path_str(),
+        &[("REGISTER_REPLAY_MAX", "64")],
+    );
+    let server = ListenServer::start_unix(&env);
+    assert_eq!(server.get(&query(&unique("t", 32))).http().status, 200);
+    // An operator's mistake: the table cut short under a running relay.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(store.join("replay.table"))
+        .and_then(|f| f.set_len(100))
+        .expect("truncating the table");
+    assert!(
+        server.wait_stderr_contains(
+            "replay.table was removed, cut short or replaced",
+            Duration::from_secs(20)
+        ),
+        "{}",
+        server.stderr_text()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Only its own files
 // ---------------------------------------------------------------------------
