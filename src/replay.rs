@@ -351,42 +351,50 @@ impl Store {
                 meta.mode() & 0o7777
             )));
         }
-        let names = sys::list_dir(&dir_fd).map_err(|e| refuse(e.to_string()))?;
-        let foreign: Vec<String> = names
-            .iter()
-            .filter(|n| !ours(n) && !old_layout(n))
-            .map(|n| String::from_utf8_lossy(n).into_owned())
-            .collect();
-        if !foreign.is_empty() {
-            let shown: Vec<&str> = foreign.iter().take(3).map(String::as_str).collect();
-            return Err(refuse(format!(
-                "it holds {} file(s) that are not the replay store's ({}{}); \
-                 give the store a directory of its own",
-                foreign.len(),
-                shown.join(", "),
-                if foreign.len() > 3 { ", …" } else { "" }
-            )));
-        }
-        // The store's own names must be files it made: a symlink or a
-        // directory there was put by someone else, and would otherwise
-        // switch the protection off on every request.
-        for name in names.iter().filter(|n| ours(n)) {
-            let path = dir.join(std::ffi::OsStr::from_bytes(name));
-            match std::fs::symlink_metadata(&path) {
-                Ok(m) if m.file_type().is_file() => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                _ => {
-                    return Err(refuse(format!(
-                        "{} in it is not a file the replay store made; remove it",
-                        String::from_utf8_lossy(name)
-                    )));
+        // A directory with a table in it was checked when the table was
+        // made: one look at the table spares each CGI request a listing of
+        // the directory (long with files of the older layout). Housekeeping,
+        // after the response, then looks for those.
+        let table_made =
+            std::fs::symlink_metadata(dir.join(TABLE)).is_ok_and(|m| m.file_type().is_file());
+        let old_layout_left = table_made || {
+            let names = sys::list_dir(&dir_fd).map_err(|e| refuse(e.to_string()))?;
+            let foreign: Vec<String> = names
+                .iter()
+                .filter(|n| !ours(n) && !old_layout(n))
+                .map(|n| String::from_utf8_lossy(n).into_owned())
+                .collect();
+            if !foreign.is_empty() {
+                let shown: Vec<&str> = foreign.iter().take(3).map(String::as_str).collect();
+                return Err(refuse(format!(
+                    "it holds {} file(s) that are not the replay store's ({}{}); \
+                     give the store a directory of its own",
+                    foreign.len(),
+                    shown.join(", "),
+                    if foreign.len() > 3 { ", …" } else { "" }
+                )));
+            }
+            // The store's own names must be files it made: a symlink or a
+            // directory there was put by someone else, and would otherwise
+            // switch the protection off on every request.
+            for name in names.iter().filter(|n| ours(n)) {
+                let path = dir.join(std::ffi::OsStr::from_bytes(name));
+                match std::fs::symlink_metadata(&path) {
+                    Ok(m) if m.file_type().is_file() => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    _ => {
+                        return Err(refuse(format!(
+                            "{} in it is not a file the replay store made; remove it",
+                            String::from_utf8_lossy(name)
+                        )));
+                    }
                 }
             }
-        }
-        // Files of the one-file-per-code layout of earlier versions are the
-        // store's own, and of no use to the table: housekeeping removes
-        // them, a batch at a time, off the request path.
-        let old_layout_left = names.iter().any(|n| old_layout(n));
+            // Files of the one-file-per-code layout of earlier versions are the
+            // store's own, and of no use to the table: housekeeping removes
+            // them, a batch at a time, off the request path.
+            names.iter().any(|n| old_layout(n))
+        };
         let wanted = max_entries.div_ceil(PER_BUCKET).max(1) as u64;
         let (file, salt, buckets) = open_table(&dir_fd, wanted).map_err(OpenError::Broken)?;
         if buckets != wanted {
