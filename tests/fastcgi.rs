@@ -7,7 +7,7 @@
 //! Every server gets its own replay store (`REGISTER_STATE_DIR` in a fresh
 //! temp dir) and every request its own long random-looking code.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::ops::{Deref, DerefMut};
 use std::thread;
@@ -619,6 +619,40 @@ fn fd0_garbage_on_a_connection_does_not_stop_the_server() {
 #[test]
 fn listen_garbage_on_a_connection_does_not_stop_the_server() {
     garbage_does_not_stop_the_server(Kind::ListenTcp);
+}
+
+#[test]
+fn a_refused_request_s_answer_arrives_whole_over_tcp() {
+    // Over TCP, closing a connection with the peer's bytes still unread
+    // makes the kernel reset it, and the 400 already sent is lost.
+    let bot = Bot::start("json", "approve");
+    for kind in [Kind::Fd0Tcp, Kind::ListenTcp] {
+        let (server, _store) = start(kind, bot.addr(), &[]);
+        for round in 0..2 {
+            let mut conn = server.connect();
+            // 600 PARAMS records of 136 bytes: past the 64 KiB cap before
+            // their end, with more still on the way.
+            let mut bytes = record_bytes(
+                FCGI_BEGIN_REQUEST,
+                1,
+                &begin_request_body(FCGI_RESPONDER, 0),
+                0,
+            );
+            let pair = encode_pairs(&[(b"A", &[b'B'; 127])]);
+            for _ in 0..600 {
+                bytes.extend(record_bytes(FCGI_PARAMS, 1, &pair, 0));
+            }
+            conn.write_all(&bytes).unwrap();
+            let reply = try_read_reply(&mut conn, 1)
+                .unwrap_or_else(|e| panic!("{kind:?} round {round}: {e}"));
+            assert_eq!(reply.http().status, 400, "{kind:?}: {}", reply.http().body);
+            // The connection ends with a close, not a reset.
+            let mut rest = Vec::new();
+            let end = conn.read_to_end(&mut rest);
+            assert!(end.is_ok(), "{kind:?} round {round}: {end:?}");
+        }
+        assert!(bot.received().is_empty(), "{:?}", bot.received());
+    }
 }
 
 #[test]

@@ -102,10 +102,38 @@ pub fn serve_connection<S: TimedStream>(
                 let cgi = handler(&request).to_cgi_bytes(request.is_head());
                 conn.respond(&cgi, Instant::now());
             }
-            Step::Close(end) => return end.map_err(io_error),
+            Step::Close(end) => {
+                if conn.ended_unread() {
+                    drain(stream);
+                }
+                return end.map_err(io_error);
+            }
         }
     }
 }
+
+/// Reads and drops what a peer still sends after its request was refused,
+/// until it closes, for at most [`DRAIN_TIME`] and [`DRAIN_BYTES`].
+fn drain<S: TimedStream>(stream: &mut S) {
+    let until = Instant::now() + DRAIN_TIME;
+    let mut sink = vec![0u8; READ_SIZE];
+    let mut left = DRAIN_BYTES;
+    while left > 0 {
+        let wait = until.saturating_duration_since(Instant::now());
+        if wait.is_zero() || stream.set_read_timeout(wait).is_err() {
+            return;
+        }
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
+/// How long a refused peer may go on sending before the connection closes.
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+/// How much of a refused request is read and dropped at most.
+const DRAIN_BYTES: usize = 4 * 1024 * 1024;
 
 /// For a connection over the cap: read its first record header by
 /// `deadline`; if it opened with BEGIN_REQUEST, answer it `busy()` (a

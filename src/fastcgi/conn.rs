@@ -119,6 +119,8 @@ pub struct Connection {
     deadline: Instant,
     /// How the connection ends once `state` is `Done`.
     end: Result<(), Error>,
+    /// A request was refused with the peer still sending it.
+    refused: bool,
 }
 
 impl Connection {
@@ -137,6 +139,7 @@ impl Connection {
             output: Vec::new(),
             deadline: now + limits.idle_timeout,
             end: Ok(()),
+            refused: false,
         }
     }
 
@@ -270,6 +273,14 @@ impl Connection {
         self.end = end;
         self.release();
         Step::Close(end)
+    }
+
+    /// Whether the connection ended on a refused request that its peer may
+    /// still be sending: closing it with unread bytes would make a TCP
+    /// peer's kernel discard the answer (a reset), so the driver reads and
+    /// drops the rest, within a bound, before closing.
+    pub fn ended_unread(&self) -> bool {
+        self.refused
     }
 
     /// Gives the input buffers back: nothing more is read. (In `--listen`
@@ -416,6 +427,7 @@ impl Connection {
     /// rest of its stream is unread, so the connection cannot carry another.
     fn refuse(&mut self, id: u16, why: &str) -> Step {
         log::warn!("fastcgi: request {id}: {why}, answered 400 and closing");
+        self.refused = true;
         encode_stream(
             RecordType::Stdout,
             id,
