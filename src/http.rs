@@ -9,7 +9,7 @@ use std::io::{self, Write};
 /// The parts of a CGI-style request the relay looks at, kept as raw bytes:
 /// a web server passes header values through unchanged, and one stray
 /// Latin-1 byte must not cost the player the query string.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Request {
     /// `REQUEST_METHOD`.
     pub method: Vec<u8>,
@@ -17,6 +17,18 @@ pub struct Request {
     pub path_info: Vec<u8>,
     /// `QUERY_STRING`, still percent-encoded.
     pub query: Vec<u8>,
+}
+
+/// Leaves the query out (it holds the code and the state): a request
+/// printed in a log line or a panic message gives away no secret.
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("method", &String::from_utf8_lossy(&self.method))
+            .field("path_info", &String::from_utf8_lossy(&self.path_info))
+            .field("query", &format_args!("<{} bytes>", self.query.len()))
+            .finish()
+    }
 }
 
 impl Request {
@@ -108,6 +120,23 @@ pub fn reason(status: u16) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_leaves_the_code_and_state_out() {
+        let req = Request {
+            method: b"GET".to_vec(),
+            path_info: Vec::new(),
+            query: b"code=secretcode&state=secretstate".to_vec(),
+        };
+        let shown = format!("{req:?}");
+        assert!(
+            shown.contains("GET") && shown.contains("33 bytes"),
+            "{shown}"
+        );
+        assert!(!shown.contains("secret"), "{shown}");
+        let redirect = crate::redirect::parse(&req).unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(!format!("{redirect:?}").contains("secret"));
+    }
 
     #[test]
     fn params_are_taken_as_bytes() {

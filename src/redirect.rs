@@ -17,8 +17,9 @@ pub const MAX_VALUE: usize = 4096;
 /// Longest query string accepted, raw.
 pub const MAX_QUERY: usize = 8192;
 
-/// What osu! sent the player back with.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What osu! sent the player back with. Its `Debug` leaves the code and
+/// the state out.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Redirect {
     /// The player signed in: the code is for the bot to exchange.
     Authorized {
@@ -35,6 +36,19 @@ pub enum Redirect {
         /// osu!'s explanation, if it gave one.
         description: Option<String>,
     },
+}
+
+impl std::fmt::Debug for Redirect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Redirect::Authorized { .. } => f.write_str("Authorized { .. }"),
+            Redirect::Denied { error, description } => f
+                .debug_struct("Denied")
+                .field("error", error)
+                .field("description", description)
+                .finish(),
+        }
+    }
 }
 
 /// Why a request was turned away before the bot was contacted.

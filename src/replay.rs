@@ -353,11 +353,13 @@ impl Store {
         }
         // A directory with a table in it was checked when the table was
         // made: one look at the table spares each CGI request a listing of
-        // the directory (long with files of the older layout). Housekeeping,
-        // after the response, then looks for those.
+        // the directory (long with files of the older layout); the table's
+        // header says whether any of those are left for housekeeping.
         let table_made =
             std::fs::symlink_metadata(dir.join(TABLE)).is_ok_and(|m| m.file_type().is_file());
-        let old_layout_left = table_made || {
+        let listed_old = if table_made {
+            None
+        } else {
             let names = sys::list_dir(&dir_fd).map_err(|e| refuse(e.to_string()))?;
             let foreign: Vec<String> = names
                 .iter()
@@ -393,10 +395,21 @@ impl Store {
             // Files of the one-file-per-code layout of earlier versions are the
             // store's own, and of no use to the table: housekeeping removes
             // them, a batch at a time, off the request path.
-            names.iter().any(|n| old_layout(n))
+            Some(names.iter().any(|n| old_layout(n)))
         };
         let wanted = max_entries.div_ceil(PER_BUCKET).max(1) as u64;
         let (file, salt, buckets) = open_table(&dir_fd, wanted).map_err(OpenError::Broken)?;
+        let old_layout_left = match listed_old {
+            Some(true) => true,
+            Some(false) => {
+                mark_old_layout_gone(&file);
+                false
+            }
+            None => {
+                let mut gone = [0u8; 1];
+                read_at(&file, &mut gone, OLD_LAYOUT_GONE).is_err() || gone[0] != 1
+            }
+        };
         if buckets != wanted {
             warn!(
                 "replay store: REGISTER_REPLAY_MAX is {max_entries} but replay.table holds {} \
@@ -516,6 +529,7 @@ impl Store {
                 loop {
                     thread::sleep(STEP_EVERY);
                     let Some(inner) = weak.upgrade() else { return };
+                    inner.check_still_the_table();
                     match inner.housekeep() {
                         Ok(()) => warned = false,
                         Err(e) if !warned => {
@@ -643,10 +657,8 @@ impl Inner {
         let mut room_pause = Duration::from_millis(1);
         loop {
             let Some(bucket_guard) = self.lock(self.bucket_lock(bucket), deadline)? else {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "a bucket stayed locked past the wait",
-                ));
+                // Not sent: the player may try again (503).
+                return Ok(Claim::NoRoom);
             };
             let now = now_nanos();
             let slots = self.read_bucket(bucket)?;
@@ -727,7 +739,6 @@ impl Inner {
     }
 
     fn housekeep(&self) -> io::Result<()> {
-        self.check_still_the_table();
         if self.old_layout_left.load(Ordering::Relaxed) {
             self.remove_old_layout()?;
         }
@@ -784,9 +795,7 @@ impl Inner {
             .and_then(|f| f.metadata());
         let same = match (&ours, &named) {
             (Ok(a), Ok(b)) => {
-                a.dev() == b.dev()
-                    && a.ino() == b.ino()
-                    && a.len() == HEADER as u64 + self.buckets * BUCKET as u64
+                a.dev() == b.dev() && a.ino() == b.ino() && a.len() == table_size(self.buckets)
             }
             (_, Err(e)) if e.kind() != io::ErrorKind::NotFound => return, // cannot tell
             _ => false,
@@ -822,15 +831,18 @@ impl Inner {
                 .filter(|n| old_layout(n))
                 .take(OLD_LAYOUT_BATCH)
                 .collect();
-            for name in &old {
-                let _ = sys::unlink_at(&self.dir, name);
-            }
-            Ok(old.len())
+            // Only what went counts: a name that cannot be removed (a
+            // directory, a file of root's) must not keep every step listing.
+            Ok(old
+                .iter()
+                .filter(|name| sys::unlink_at(&self.dir, name).is_ok())
+                .count())
         })();
         let _ = sys::unlock_exclusive(&self.dir);
         let removed = removed?;
         if removed < OLD_LAYOUT_BATCH {
             self.old_layout_left.store(false, Ordering::Relaxed);
+            mark_old_layout_gone(&self.file);
         }
         if removed > 0 {
             info!("replay store: removed {removed} file(s) of the older one-file-per-code layout");
@@ -855,6 +867,15 @@ impl Inner {
 
 /// Buckets that housekeeping reads at once (64 KiB).
 const SWEEP_READ: u64 = 16;
+
+/// A header byte: 1 once no file of the older layout is left in the
+/// directory, so that a relay opening the table need not look.
+const OLD_LAYOUT_GONE: u64 = 20;
+
+fn mark_old_layout_gone(file: &File) {
+    // Should the write fail, a later step looks again.
+    let _ = file.write_all_at(&[1], OLD_LAYOUT_GONE);
+}
 
 /// How many files of the older layout one housekeeping step removes.
 const OLD_LAYOUT_BATCH: usize = 2000;
@@ -953,10 +974,15 @@ fn open_dir(dir: &Path) -> Result<OwnedFd, OpenError> {
     sys::open_dir(dir).map_err(|e| refuse(&e.to_string()))
 }
 
-/// Opens the table, or makes a new one when there is none or it was made
-/// for another size: with the directory locked, so that relays starting
-/// together agree on one file.
+/// Opens the table, or makes a new one when there is none or it is not
+/// whole: that with the directory locked, so that relays starting together
+/// agree on one file.
 fn open_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> {
+    // The usual case needs no lock: a table is only ever put in place
+    // whole, by a rename, so one found whole stays whole.
+    if let Some(found) = whole_table(dir)? {
+        return Ok(found);
+    }
     let deadline = Instant::now() + Duration::from_secs(5);
     while !sys::try_lock_exclusive(dir)? {
         if Instant::now() >= deadline {
@@ -967,40 +993,50 @@ fn open_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> 
         }
         thread::sleep(Duration::from_millis(5));
     }
-    let result = open_or_make_table(dir, buckets);
+    // Another relay may have made it while this one waited.
+    let result = match whole_table(dir) {
+        Ok(Some(found)) => Ok(found),
+        Ok(None) => make_table(dir, buckets),
+        Err(e) => Err(e),
+    };
     let _ = sys::unlock_exclusive(dir);
     result
 }
 
-/// An existing, whole table is used at the size in its header, whatever
-/// `buckets` asks: relays that still have it open would otherwise keep
-/// using a file no longer in the directory, and a code could reach the
-/// bot once through each table.
-fn open_or_make_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> {
-    let size_of = |b: u64| (HEADER as u64).saturating_add(b.saturating_mul(BUCKET as u64));
-    match sys::open_at(dir, TABLE.as_bytes(), false) {
-        Ok(fd) => {
-            let file = File::from(fd);
-            let meta = file.metadata()?;
-            let mut header = [0u8; 64];
-            if meta.is_file()
-                && read_at(&file, &mut header, 0).is_ok()
-                && let Some((b, salt)) = parse_header(&header)
-                && b > 0
-                && meta.len() == size_of(b)
-            {
-                return Ok((file, salt, b));
-            }
-            info!(
-                "replay store: replay.table is not a whole table; making a new one for {} \
-                 entries, earlier answers are not kept",
-                buckets * PER_BUCKET as u64
-            );
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+/// The table in `dir` if it is a whole one, at the size in its header,
+/// whatever `REGISTER_REPLAY_MAX` asks: relays that still have it open
+/// would otherwise keep using a file no longer in the directory, and a
+/// code could reach the bot once through each table.
+fn whole_table(dir: &OwnedFd) -> io::Result<Option<(File, [u8; 16], u64)>> {
+    let file = match sys::open_at(dir, TABLE.as_bytes(), false) {
+        Ok(fd) => File::from(fd),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    let mut header = [0u8; 64];
+    if meta.is_file()
+        && read_at(&file, &mut header, 0).is_ok()
+        && let Some((b, salt)) = parse_header(&header)
+        && b > 0
+        && meta.len() == table_size(b)
+    {
+        return Ok(Some((file, salt, b)));
     }
-    let size = size_of(buckets);
+    info!(
+        "replay store: replay.table is not a whole table; a new one replaces it, earlier answers are not kept"
+    );
+    Ok(None)
+}
+
+fn table_size(buckets: u64) -> u64 {
+    (HEADER as u64).saturating_add(buckets.saturating_mul(BUCKET as u64))
+}
+
+/// Makes a new table of `buckets` and renames it into place; the caller
+/// holds the directory's lock.
+fn make_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> {
+    let size = table_size(buckets);
     let file = File::from(sys::open_at(dir, TABLE_NEW.as_bytes(), true)?);
     let made = (|| {
         file.set_len(size)?;
@@ -1699,6 +1735,20 @@ mod tests {
             .collect();
         assert_eq!(names, ["replay.table"]);
         assert!(!store.inner.old_layout_left.load(Ordering::Relaxed));
+        // The table remembers: a relay opening it later (each CGI request)
+        // does not look for them again.
+        let again = open(&dir, TTL, 64);
+        assert!(!again.inner.old_layout_left.load(Ordering::Relaxed));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_table_made_without_old_files_says_so_to_later_relays() {
+        let dir = temp_dir("noold");
+        let first = open(&dir, TTL, 64);
+        assert!(!first.inner.old_layout_left.load(Ordering::Relaxed));
+        let later = open(&dir, TTL, 64);
+        assert!(!later.inner.old_layout_left.load(Ordering::Relaxed));
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -18,6 +18,7 @@ pub mod pool;
 pub mod stop;
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -106,7 +107,7 @@ pub fn serve_serial(
     info!("serving FastCGI on {listening}");
     let notify = systemd::notify_ready(&listening, &stop, status.clone());
     while let Some(mut stream) = stop.next_connection(&listener)? {
-        *lock(&current) = Some(stream.fd());
+        *lock(&current) = Some(stream.as_raw_fd());
         let _open = status.open.register();
         if let Err(e) = fastcgi::serve_connection(&mut stream, &handler, limits) {
             info!("FastCGI connection ended: {e}");

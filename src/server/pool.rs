@@ -144,9 +144,15 @@ impl Pool {
                 .stack_size(STACK)
                 .spawn(move || worker.work())
             {
-                // The connection stays queued for the next free thread.
+                // Busy threads may not come free for long: turn it away.
                 error!("cannot start a connection thread: {e}");
-                lock(&shared.queue).threads -= 1;
+                let mut queue = lock(&shared.queue);
+                queue.threads -= 1;
+                let left = queue.waiting.pop_back();
+                drop(queue);
+                if let Some(stream) = left {
+                    self.turn_away(stream);
+                }
             }
         } else {
             drop(queue);
@@ -199,7 +205,8 @@ impl Pool {
             let in_flight = shared.status.in_flight();
             if queued || in_flight > 0 {
                 last_busy = Instant::now();
-            } else if shared.status.open.get() == 0 || last_busy.elapsed() >= Duration::from_secs(1)
+            } else if shared.status.open_connections() == 0
+                || last_busy.elapsed() >= Duration::from_secs(1)
             {
                 return;
             }
@@ -220,15 +227,16 @@ impl Shared {
     /// pool closes.
     fn work(&self) {
         let handler = |req: &crate::http::Request| self.status.handle(&self.relay, req);
-        while let Some(mut stream) = self.next_connection() {
-            let _open = self.status.open.register();
+        while let Some((mut stream, _open)) = self.next_connection() {
             if let Err(e) = fastcgi::serve_connection(&mut stream, &handler, &self.limits) {
                 info!("FastCGI connection ended: {e}");
             }
         }
     }
 
-    fn next_connection(&self) -> Option<Stream> {
+    /// The next connection, counted as open before the queue's lock is let
+    /// go: a stop that finds the queue empty then still sees it.
+    fn next_connection(&self) -> Option<(Stream, Registration)> {
         let mut queue = lock(&self.queue);
         queue.idle += 1;
         if queue.hoping > 0 {
@@ -237,7 +245,7 @@ impl Shared {
         loop {
             if let Some(stream) = queue.waiting.pop_front() {
                 queue.idle -= 1;
-                return Some(stream);
+                return Some((stream, self.status.open.register()));
             }
             if queue.closed {
                 queue.idle -= 1;

@@ -56,15 +56,20 @@ impl StopSignal {
 
     /// The next connection, or `None` once a stop was asked for.
     pub fn next_connection(&self, listener: &Listener) -> io::Result<Option<Stream>> {
+        let mut pause = Duration::from_millis(10);
         while self.wait_for_connection(listener)? {
             match listener.accept() {
                 Ok(stream) => return Ok(Some(stream)),
                 // Failures that pass (a client gone before accept, out of
-                // file descriptors for a moment); the pause keeps a lasting
-                // one from spinning a core.
+                // file descriptors for a moment); the growing pause keeps a
+                // lasting one from spinning a core or flooding the log.
                 Err(e) => {
-                    warn!("accept failed: {e}");
-                    thread::sleep(Duration::from_millis(10));
+                    warn!(
+                        "accept failed, trying again in {} ms: {e}",
+                        pause.as_millis()
+                    );
+                    thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(1));
                 }
             }
         }
