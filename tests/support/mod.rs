@@ -27,8 +27,11 @@
 //!   to [`Server`].
 //! - [`json`]: [`parse_json`] into serde_json's [`Json`] value.
 //! - [`apache`]: a private Apache and a small HTTP/1.1 client.
+//! - [`axe`]: axe-core, the accessibility rules the browser test runs in
+//!   each page.
 
 pub mod apache;
+pub mod axe;
 pub mod bot;
 pub mod cgi;
 pub mod fcgi;
