@@ -395,6 +395,61 @@ mod tests {
         assert!(b.contains("name=\"viewport\""));
     }
 
+    /// The palette's value of `--name` in the first rule of `css`.
+    fn colour(css: &str, name: &str) -> [f64; 3] {
+        let at = css.find(&format!("{name}: #")).unwrap() + name.len() + 3;
+        let hex: String = css[at..]
+            .chars()
+            .take_while(char::is_ascii_hexdigit)
+            .collect();
+        let hex = match hex.len() {
+            3 => hex.chars().flat_map(|c| [c, c]).collect(),
+            6 => hex,
+            _ => panic!("{name}: #{hex}"),
+        };
+        let channel = |i: usize| f64::from(u8::from_str_radix(&hex[i..i + 2], 16).unwrap()) / 255.0;
+        [channel(0), channel(2), channel(4)]
+    }
+
+    /// WCAG 2 contrast ratio of two sRGB colours.
+    fn contrast(a: [f64; 3], b: [f64; 3]) -> f64 {
+        let luminance = |c: [f64; 3]| {
+            let lin = |v: f64| {
+                if v <= 0.03928 {
+                    v / 12.92
+                } else {
+                    ((v + 0.055) / 1.055).powf(2.4)
+                }
+            };
+            0.2126 * lin(c[0]) + 0.7152 * lin(c[1]) + 0.0722 * lin(c[2])
+        };
+        let (la, lb) = (luminance(a), luminance(b));
+        (la.max(lb) + 0.05) / (la.min(lb) + 0.05)
+    }
+
+    /// The browser test audits the rendered page; this holds the palette
+    /// to WCAG AA (4.5:1 for text) where no browser runs.
+    #[test]
+    fn every_text_colour_stands_out_light_and_dark() {
+        let light = &BUILT_IN[BUILT_IN.find(":root {").unwrap()..];
+        let dark = &BUILT_IN[BUILT_IN.find("prefers-color-scheme: dark").unwrap()..];
+        let pairs = [
+            ("--text", "--bg"),
+            ("--text", "--card"),
+            ("--muted", "--card"),
+            ("--on-link", "--link"),
+        ];
+        for (scheme, css) in [("light", light), ("dark", dark)] {
+            for (fg, bg) in pairs {
+                let ratio = contrast(colour(css, fg), colour(css, bg));
+                assert!(ratio >= 4.5, "{scheme}: {fg} on {bg} is {ratio:.2}:1");
+            }
+        }
+        // The formula, on the figure axe-core gave for the old dark button
+        // (white on --link: 2.41:1, truncated).
+        assert!((contrast([1.0; 3], colour(dark, "--link")) - 2.415).abs() < 0.005);
+    }
+
     #[test]
     fn custom_template() {
         let dir = std::env::temp_dir().join(format!("tr-page-{}", std::process::id()));
