@@ -681,9 +681,12 @@ impl<'a> Auditor<'a> {
         }
     }
 
-    /// Fails with every violation found; prints the counts.
+    /// Fails with every violation found; prints the counts, also when the
+    /// test passes (straight to stderr, which the test harness does not
+    /// capture), so every run of the suite shows them.
     fn finish(self) {
-        println!(
+        let _ = writeln!(
+            std::io::stderr(),
             "accessibility audit: axe-core {}, {} pages x 2 sizes x 2 colour schemes = {} runs, \
              {} distinct rules checked ({} tags: {}), {} run(s) with violations",
             self.version,
