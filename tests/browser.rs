@@ -538,12 +538,12 @@ struct Auditor<'a> {
 }
 
 impl<'a> Auditor<'a> {
-    fn new(session: &'a Session<'a>) -> Auditor<'a> {
+    fn new(session: &'a Session<'a>, axe: String) -> Auditor<'a> {
         let shots = screenshots_dir().join("audit");
         std::fs::create_dir_all(&shots).unwrap_or_else(|e| panic!("{}: {e}", shots.display()));
         Auditor {
             session,
-            axe: axe::source(),
+            axe,
             version: axe::pinned_version(),
             shots,
             pages: 0,
@@ -713,6 +713,8 @@ impl<'a> Auditor<'a> {
 /// with axe-core at a phone's and a desktop's size, light and dark.
 #[test]
 fn every_page_passes_an_accessibility_audit_light_and_dark() {
+    // First, so that a missing axe-core fails at once.
+    let axe = axe::source();
     let demo_bot = Bot::start("json", "demo");
     let down = RefusingPort::new();
     let slow = Bot::start_with("json", "slow", &["--delay", "30"]);
@@ -757,7 +759,7 @@ fn every_page_passes_an_accessibility_audit_light_and_dark() {
             "Emulation.setUserAgentOverride",
             json!({ "userAgent": DISCORD_PHONE_UA }),
         );
-        let mut audit = Auditor::new(&session);
+        let mut audit = Auditor::new(&session, axe);
         audit_answers_and_links(&mut audit, &joined(demo), &demo_bot);
         let (failing, proxy, cgi) = joined(others);
         audit_bot_failures(&mut audit, &failing);
