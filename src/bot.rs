@@ -2,13 +2,14 @@
 //!
 //! The relay sends `{"state": S, "code": C}`, shuts down its write side so
 //! the bot's `await reader.read()` sees EOF, then reads the bot's
-//! `{"success": bool, "message": str}` to EOF. Every step shares one
-//! deadline, so a hung bot costs a player at most `REGISTER_BOT_TIMEOUT`.
+//! `{"success": bool, "message": str}`, which ends at EOF (a reply that
+//! already decodes whole is taken without waiting for it). Every step
+//! shares one deadline, so a hung bot costs a player at most
+//! `REGISTER_BOT_TIMEOUT`.
 
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::unix::net::UnixStream;
+use std::io;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -187,67 +188,175 @@ pub fn decode(wire: Wire, bytes: &[u8]) -> Result<BotReply, BotError> {
 
 /// Delivers one code to the bot and returns its answer, all within
 /// `config.bot_timeout`.
+///
+/// The socket is non-blocking and every wait is a `poll` bounded by the
+/// one deadline: connect, send and reply need no socket timeouts set. On
+/// loopback the handshake is done within `connect` and the message fits
+/// the fresh socket's buffer, so the only wait is for the reply.
 pub fn exchange(config: &Config, state: &str, code: &str) -> Result<BotReply, BotError> {
     let deadline = Instant::now() + config.bot_timeout;
-    let mut conn = connect(&config.bot_addr, config.bot_retry, deadline)?;
     let message = encode(config.wire, state, code);
-    let reply = talk(&mut conn, &message, deadline)?;
-    decode(config.wire, &reply)
+    let conn = connect_and_send(&config.bot_addr, config.bot_retry, &message, deadline)?;
+    read_reply(&conn, config.wire, deadline)
 }
 
-fn talk(conn: &mut Stream, message: &[u8], deadline: Instant) -> Result<Vec<u8>, BotError> {
-    // A fresh socket's send buffer takes the message at once; only if it
-    // does not is the send bounded by the time left.
-    let sent = match sys::send_now(conn, message) {
-        Some(Ok(n)) => n,
-        Some(Err(e)) => return Err(io_error(e)),
-        None => 0,
-    };
-    if sent < message.len() {
-        conn.set_write_timeout(remaining(deadline)?)
-            .map_err(io_error)?;
-        conn.write_all(&message[sent..]).map_err(io_error)?;
+/// Why an attempt to connect and send failed.
+enum Attempt {
+    /// Nothing of the message left this host (refused, no such socket):
+    /// the connection may be tried again.
+    NotSent(io::Error),
+    /// A failure past that point, or the deadline.
+    Failed(BotError),
+}
+
+/// Connects and sends the message, then half-closes. Refusals are tried
+/// again until `retry` has passed, because a bot that is restarting
+/// refuses for a second or two and a player's click should survive that.
+fn connect_and_send(
+    addr: &BotAddr,
+    retry: Duration,
+    message: &[u8],
+    deadline: Instant,
+) -> Result<Stream, BotError> {
+    let retry_until = Instant::now() + retry;
+    let mut pause = Duration::from_millis(25);
+    loop {
+        remaining(deadline)?;
+        let attempt = match addr {
+            BotAddr::Tcp(addrs) => send_tcp(addrs, message, deadline),
+            BotAddr::Unix(path) => send_unix(path, message, deadline),
+        };
+        match attempt {
+            Ok(conn) => {
+                // The bot reads to EOF, so the half-close is what makes it answer.
+                conn.shutdown_write().map_err(io_error)?;
+                return Ok(conn);
+            }
+            Err(Attempt::Failed(e)) => return Err(e),
+            Err(Attempt::NotSent(e)) => {
+                let now = Instant::now();
+                if !retryable(&e) || now + pause > retry_until || now + pause >= deadline {
+                    return Err(BotError::Unavailable(e));
+                }
+                thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(250));
+            }
+        }
     }
-    // The bot reads to EOF, so the half-close is what makes it answer.
-    conn.shutdown_write().map_err(io_error)?;
+}
+
+/// Tries each address in turn until one takes the message.
+fn send_tcp(addrs: &[SocketAddr], message: &[u8], deadline: Instant) -> Result<Stream, Attempt> {
+    let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no address");
+    for addr in addrs {
+        let conn = match sys::start_connect_tcp(addr) {
+            Ok(s) => Stream::Tcp(s),
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        match send_message(&conn, message, deadline) {
+            Ok(()) => return Ok(conn),
+            Err(Attempt::NotSent(e)) => last = e,
+            Err(failed) => return Err(failed),
+        }
+    }
+    Err(Attempt::NotSent(last))
+}
+
+/// A Unix connect is made at once, or refused, or finds the bot's accept
+/// backlog full: then it is tried again, briefly paused, until the deadline.
+fn send_unix(path: &Path, message: &[u8], deadline: Instant) -> Result<Stream, Attempt> {
+    let mut pause = Duration::from_millis(1);
+    let conn = loop {
+        match sys::start_connect_unix(path) {
+            Ok(s) => break Stream::Unix(s),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Attempt::Failed(BotError::Timeout));
+                }
+                thread::sleep(pause.min(left));
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+            Err(e) => return Err(Attempt::NotSent(e)),
+        }
+    };
+    send_message(&conn, message, deadline)?;
+    Ok(conn)
+}
+
+/// Sends the whole message on a non-blocking socket whose connection may
+/// still be under way, waiting for room (or for the handshake) by the
+/// deadline. An error before the first byte is `NotSent`: a refused
+/// connection surfaces here.
+fn send_message(conn: &Stream, message: &[u8], deadline: Instant) -> Result<(), Attempt> {
+    let mut sent = 0;
+    while sent < message.len() {
+        match sys::send_now(conn, &message[sent..]) {
+            Some(Ok(n)) => sent += n,
+            Some(Err(e)) if sent == 0 => return Err(Attempt::NotSent(e)),
+            Some(Err(e)) => return Err(Attempt::Failed(io_error(e))),
+            None => match sys::wait_ready(conn, libc::POLLOUT, deadline) {
+                Ok(true) => {}
+                Ok(false) => return Err(Attempt::Failed(BotError::Timeout)),
+                Err(e) => return Err(Attempt::Failed(io_error(e))),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Reads the reply by the deadline. The reply ends at end of stream; but
+/// one that already decodes whole cannot be the start of a longer valid
+/// one (a JSON object, a pickle's STOP), so it is taken without the extra
+/// read for the end of stream. Anything else (a part, trailing bytes in
+/// the same read, garbage) is read to the end and then decoded.
+fn read_reply(conn: &Stream, wire: Wire, deadline: Instant) -> Result<BotReply, BotError> {
     // Read straight into the reply, grown as needed: no 8 KiB buffer on
-    // the stack of each thread (in --listen mode, hundreds of them, whose
-    // touched stack pages stay resident).
+    // the stack of each thread.
     let mut reply = vec![0u8; 512];
     let mut len = 0;
+    // Right after the half-close the bot has not answered yet: wait first.
+    let mut wait = true;
     loop {
+        if wait && !sys::wait_ready(conn, libc::POLLIN, deadline).map_err(io_error)? {
+            return Err(BotError::Timeout);
+        }
         if len == reply.len() {
             reply.resize((len * 2).min(MAX_REPLY + 1), 0);
         }
-        // After the first piece of the answer the rest (or the end of
-        // stream) is usually there already: take it without waiting, and
-        // bound a wait by the time left only when there is one.
-        let ready = if len > 0 {
-            sys::recv_now(conn, &mut reply[len..])
-        } else {
-            None
-        };
-        let n = match ready {
-            Some(r) => r,
-            None => {
-                conn.set_read_timeout(remaining(deadline)?)
-                    .map_err(io_error)?;
-                conn.read(&mut reply[len..])
+        let room = reply.len() - len;
+        match sys::recv_now(conn, &mut reply[len..]) {
+            None => wait = true,
+            Some(Err(e)) => return Err(io_error(e)),
+            Some(Ok(0)) => return decode(wire, &reply[..len]),
+            Some(Ok(n)) => {
+                len += n;
+                if len > MAX_REPLY {
+                    return Err(BotError::TooLarge);
+                }
+                // Worth a try only once the socket is drained and the last
+                // byte can end a reply.
+                if n < room
+                    && may_end(wire, &reply[..len])
+                    && let Ok(whole) = decode(wire, &reply[..len])
+                {
+                    return Ok(whole);
+                }
+                wait = false;
             }
-        };
-        let n = match n {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_error(e)),
-        };
-        if n == 0 {
-            reply.truncate(len);
-            return Ok(reply);
         }
-        len += n;
-        if len > MAX_REPLY {
-            return Err(BotError::TooLarge);
-        }
+    }
+}
+
+/// Whether `bytes` can be a whole reply by its last byte: a JSON object
+/// ends with `}` (and maybe white space), a pickle with STOP (`.`).
+fn may_end(wire: Wire, bytes: &[u8]) -> bool {
+    match wire {
+        Wire::Json => bytes.trim_ascii_end().last() == Some(&b'}'),
+        Wire::Pickle => bytes.last() == Some(&b'.'),
     }
 }
 
@@ -269,40 +378,6 @@ fn io_error(e: io::Error) -> BotError {
     }
 }
 
-/// Connects, retrying refusals until `retry` has passed, because a bot
-/// that is restarting refuses for a second or two and a player's click
-/// should survive that.
-fn connect(addr: &BotAddr, retry: Duration, deadline: Instant) -> Result<Stream, BotError> {
-    let retry_until = Instant::now() + retry;
-    let mut pause = Duration::from_millis(25);
-    loop {
-        let left = remaining(deadline)?;
-        let result = match addr {
-            BotAddr::Tcp(addrs) => connect_tcp(addrs, left).map(Stream::Tcp),
-            BotAddr::Unix(path) => connect_unix(path, left).map(Stream::Unix),
-        };
-        match result {
-            Ok(conn) => return Ok(conn),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(BotError::Timeout);
-            }
-            Err(e) => {
-                let now = Instant::now();
-                if !retryable(&e) || now + pause > retry_until || now + pause >= deadline {
-                    return Err(BotError::Unavailable(e));
-                }
-                thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(250));
-            }
-        }
-    }
-}
-
 fn retryable(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -310,30 +385,12 @@ fn retryable(e: &io::Error) -> bool {
     )
 }
 
-/// No `TCP_NODELAY`: the one write is followed by the half-close, which
-/// sends at once, so Nagle never holds anything back here.
-fn connect_tcp(addrs: &[SocketAddr], timeout: Duration) -> io::Result<TcpStream> {
-    let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no address");
-    for addr in addrs {
-        match sys::connect_tcp(addr, timeout) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
-}
-
-/// A Unix socket connect blocks while the bot's accept backlog is full;
-/// [`sys::connect_unix`] bounds it.
-fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
-    sys::connect_unix(path, timeout)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::outcome::Outcome;
-    use std::net::TcpListener;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
 
     #[test]
     fn a_failure_kind_rebuilds_its_error() {
@@ -574,5 +631,134 @@ mod tests {
         let c = config_for(BotAddr::Tcp(vec![addr]), 5000, 0);
         assert!(matches!(exchange(&c, "s", "c"), Err(BotError::TooLarge)));
         peer.join().unwrap();
+    }
+
+    /// A peer that writes `reply` after reading the message, then keeps
+    /// the connection open until `hold` says so.
+    fn peer_holding_open(
+        reply: Vec<u8>,
+    ) -> (
+        SocketAddr,
+        std::sync::mpsc::Sender<()>,
+        thread::JoinHandle<()>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let peer = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut msg = Vec::new();
+            s.read_to_end(&mut msg).unwrap();
+            s.write_all(&reply).unwrap();
+            let _ = held.recv();
+        });
+        (addr, hold, peer)
+    }
+
+    /// A reply that decodes whole is the answer: the relay does not wait
+    /// for the bot to close (here it closes only after the answer is in).
+    #[test]
+    fn a_whole_reply_is_taken_before_the_end_of_stream() {
+        let json = br#"{"success":true,"message":"in"} "#.to_vec();
+        let pickle = serde_pickle::to_vec(
+            &BotReply {
+                success: false,
+                message: "taken".into(),
+            },
+            serde_pickle::SerOptions::new(),
+        )
+        .unwrap();
+        for (wire, reply, message) in [(Wire::Json, json, "in"), (Wire::Pickle, pickle, "taken")] {
+            let (addr, hold, peer) = peer_holding_open(reply);
+            let mut c = config_for(BotAddr::Tcp(vec![addr]), 30_000, 0);
+            c.wire = wire;
+            let got = exchange(&c, "s", "c");
+            hold.send(()).unwrap();
+            peer.join().unwrap();
+            assert_eq!(got.unwrap().message, message);
+        }
+    }
+
+    /// Bytes after a whole reply make it no reply, and a reply in pieces is
+    /// read whole; without the end of stream an unfinished one times out.
+    #[test]
+    fn trailing_bytes_are_refused_and_pieces_are_joined() {
+        let serve = |pieces: Vec<&'static [u8]>| {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let peer = thread::spawn(move || {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut msg = Vec::new();
+                s.read_to_end(&mut msg).unwrap();
+                for piece in pieces {
+                    s.write_all(piece).unwrap();
+                    s.flush().unwrap();
+                    thread::sleep(Duration::from_millis(20));
+                }
+            });
+            let c = config_for(BotAddr::Tcp(vec![addr]), 30_000, 0);
+            let got = exchange(&c, "s", "c");
+            peer.join().unwrap();
+            got
+        };
+        let r = serve(vec![br#"{"success":true,"message":"x"}}"#]);
+        assert!(matches!(r, Err(BotError::Invalid(_))), "{r:?}");
+        let r = serve(vec![br#"{"success":true,"message":"x"} {}"#]);
+        assert!(matches!(r, Err(BotError::Invalid(_))), "{r:?}");
+        let r = serve(vec![br#"{"success":true,"#, br#""message":"}"#, br#"x"}"#]);
+        assert_eq!(r.unwrap().message, "}x");
+        let (addr, hold, peer) = peer_holding_open(br#"{"success":true,"message":"x""#.to_vec());
+        let c = config_for(BotAddr::Tcp(vec![addr]), 300, 0);
+        let r = exchange(&c, "s", "c");
+        hold.send(()).unwrap();
+        peer.join().unwrap();
+        assert!(matches!(r, Err(BotError::Timeout)), "{r:?}");
+    }
+
+    /// A Unix bot whose accept backlog is full: the connect is tried again
+    /// until the deadline, never past it, and gets through once there is room.
+    #[test]
+    fn a_unix_bot_with_a_full_backlog() {
+        let dir = std::env::temp_dir().join(format!("tr-bot-backlog-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("bot.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        crate::sys::relisten(&listener, 0).unwrap();
+        let mut fillers = Vec::new();
+        while fillers.len() < 8 {
+            match crate::sys::start_connect_unix(&path) {
+                Ok(s) => fillers.push(s),
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+                    break;
+                }
+            }
+        }
+        assert!(fillers.len() < 8, "the backlog never filled");
+        let c = config_for(BotAddr::Unix(path.clone()), 300, 0);
+        let started = Instant::now();
+        let r = exchange(&c, "s", "c");
+        let took = started.elapsed();
+        assert!(matches!(r, Err(BotError::Timeout)), "{r:?}");
+        assert!(took >= Duration::from_millis(290), "{took:?}");
+        // Room made while the relay waits: the code gets through.
+        let c = config_for(BotAddr::Unix(path.clone()), 30_000, 0);
+        let r = thread::scope(|s| {
+            let relay = s.spawn(|| exchange(&c, "s", "c"));
+            for _ in 0..fillers.len() {
+                drop(listener.accept().unwrap());
+            }
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut msg = Vec::new();
+            conn.read_to_end(&mut msg).unwrap();
+            assert_eq!(msg, br#"{"state":"s","code":"c"}"#);
+            conn.write_all(br#"{"success":true,"message":"room"}"#)
+                .unwrap();
+            drop(conn);
+            relay.join().unwrap()
+        });
+        assert_eq!(r.unwrap().message, "room");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

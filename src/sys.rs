@@ -567,6 +567,93 @@ pub fn relisten(socket: &impl AsFd, backlog: i32) -> io::Result<()> {
     }
 }
 
+// ---- The synchronous bot exchange (bot.rs): a non-blocking socket whose
+// every wait is a `poll` bounded by the exchange's deadline, so no
+// per-socket timeout needs setting. ----
+
+/// Starts a TCP connection on a fresh non-blocking socket: when this
+/// returns the connection is made or under way (over loopback the
+/// handshake is done within the call). A refusal shows at the first send.
+pub fn start_connect_tcp(addr: &SocketAddr) -> io::Result<TcpStream> {
+    let (family, storage, len) = sockaddr_of(addr);
+    let flags = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe { libc::socket(family, flags, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: storage holds a valid sockaddr of length len; fd is open.
+    let rc = unsafe { libc::connect(fd, (&raw const storage).cast::<libc::sockaddr>(), len) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if !matches!(
+            err.raw_os_error(),
+            Some(libc::EINPROGRESS) | Some(libc::EINTR)
+        ) {
+            return Err(err);
+        }
+    }
+    Ok(TcpStream::from(owned))
+}
+
+/// Connects to a Unix socket on a fresh non-blocking socket. A Unix
+/// connect is made at once or not at all: while the peer's accept backlog
+/// is full it fails with `WouldBlock`, and the caller tries again.
+pub fn start_connect_unix(path: &Path) -> io::Result<UnixStream> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= sa.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in sa.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let flags = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, flags, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    loop {
+        // SAFETY: sa is a valid sockaddr_un of length len; fd is open.
+        let rc = unsafe { libc::connect(fd, (&raw const sa).cast::<libc::sockaddr>(), len) };
+        if rc == 0 {
+            return Ok(UnixStream::from(owned));
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+}
+
+/// Waits until `socket` is ready for `events` (`POLLIN`, `POLLOUT`), an
+/// error or hang-up included, or until `deadline`: false if it passed.
+pub fn wait_ready(
+    socket: &impl AsRawFd,
+    events: libc::c_short,
+    deadline: Instant,
+) -> io::Result<bool> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Ok(false);
+    }
+    let mut fds = [pollfd(socket, events)];
+    Ok(poll(&mut fds, Some(left))? > 0)
+}
+
+// ---- end of the bot exchange's calls ----
+
 #[cfg(test)]
 mod tests {
     use super::*;
