@@ -652,6 +652,81 @@ pub fn wait_ready(
     Ok(poll(&mut fds, Some(left))? > 0)
 }
 
+/// The signal that interrupts the fd-0 loop's blocking `accept` when a
+/// stop is asked for: handled by a no-op and without `SA_RESTART`, so the
+/// call it lands in fails with `EINTR`.
+pub fn interrupt_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+/// Installs the handler of [`interrupt_signal`] and unblocks it in the
+/// calling thread (a mask inherited from the web server could block it).
+pub fn install_interrupt_signal() -> io::Result<()> {
+    extern "C" fn ignore(_: libc::c_int) {}
+    // SAFETY: sigaction is plain data; all zeroes is a valid value.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = ignore as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: a valid sigset_t owned by this frame.
+    unsafe { libc::sigemptyset(&raw mut action.sa_mask) };
+    // SAFETY: a valid sigaction; the handler does nothing, so it is
+    // async-signal-safe.
+    if unsafe { libc::sigaction(interrupt_signal(), &raw const action, std::ptr::null_mut()) } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a valid sigset_t owned by this frame, filled below.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe {
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, interrupt_signal());
+    }
+    // SAFETY: a valid set; the old mask is not asked for.
+    let rc =
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &raw const set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// A thread that [`interrupt`] can reach.
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadId(libc::pthread_t);
+
+/// The calling thread.
+pub fn this_thread() -> ThreadId {
+    // SAFETY: pthread_self has no preconditions.
+    ThreadId(unsafe { libc::pthread_self() })
+}
+
+/// Sends [`interrupt_signal`] to `thread`, which must still be running
+/// (the process's main thread is, for as long as the process is).
+pub fn interrupt(thread: ThreadId) {
+    // SAFETY: the caller promises the thread is alive; a bad id only errors.
+    unsafe { libc::pthread_kill(thread.0, interrupt_signal()) };
+}
+
+/// Accepts a connection on `listener`, blocking; unlike std's accept it
+/// gives up on a signal (`Interrupted`) instead of trying again, so that
+/// [`interrupt`] can end the wait.
+pub fn accept_interruptible(listener: &impl AsRawFd) -> io::Result<OwnedFd> {
+    // SAFETY: a listening fd borrowed for the call; no address is asked for.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh connection that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 // ---- end of the bot exchange's calls ----
 
 #[cfg(test)]

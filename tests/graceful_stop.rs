@@ -190,6 +190,37 @@ fn sigterm_with_an_idle_keep_alive_connection_fd0_exits_promptly() {
     assert_eq!(codes(&bot), ["keep-code"]);
 }
 
+/// Between connections an fd-0 process waits in a blocking accept, with
+/// nothing else to wake it: SIGTERM (and SIGINT, SIGUSR1) must end that
+/// wait, not the next connection. Several stops in a row, after one
+/// request and after none, at whatever point of the loop they land.
+#[test]
+fn a_stop_signal_ends_the_fd0_wait_for_a_connection() {
+    let store = private_dir("st");
+    let bot = Bot::start("json", "approve");
+    for (round, sig) in ["TERM", "INT", "USR1", "TERM"].into_iter().enumerate() {
+        let mut server = Fd0Server::start(&[
+            ("REGISTER_BOT_ADDR", bot.addr()),
+            ("REGISTER_STATE_DIR", store.path_str()),
+        ]);
+        if round % 2 == 0 {
+            assert_approved(&get(&server, &query(&format!("wait-{round}"))));
+        }
+        // Not a synchronisation: the process is waiting for a connection
+        // by now, or about to, and either way must stop.
+        thread::sleep(Duration::from_millis(100));
+        server.signal(sig);
+        let status = server.wait_within(Duration::from_secs(2));
+        assert!(
+            status.is_some(),
+            "fd-0 server still waiting 2 s after SIG{sig}; stderr:\n{}",
+            server.stderr_text()
+        );
+        assert_eq!(status.unwrap().code(), Some(0));
+    }
+    assert_eq!(codes(&bot), ["wait-0", "wait-2"]);
+}
+
 #[test]
 fn sigterm_with_an_idle_keep_alive_connection_listen_exits_promptly() {
     let store = private_dir("st");
