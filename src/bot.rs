@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{BotAddr, Config, Wire};
 use crate::net::Stream;
-use crate::sys;
+use crate::{scan, sys};
 
 /// Largest reply read from the bot; anything longer is not a reply.
 pub const MAX_REPLY: usize = 64 * 1024;
@@ -143,7 +143,7 @@ struct Message<'a> {
 pub fn encode(wire: Wire, state: &str, code: &str) -> Vec<u8> {
     let msg = Message { state, code };
     let encoded = match wire {
-        Wire::Json => serde_json::to_vec(&msg).map_err(|e| e.to_string()),
+        Wire::Json => Ok(json_message(state, code)),
         // Protocol 3 is what every Python 3 reads; the struct becomes a
         // dict of str to str, as the Flask relay's pickle.dumps made.
         Wire::Pickle => {
@@ -152,6 +152,56 @@ pub fn encode(wire: Wire, state: &str, code: &str) -> Vec<u8> {
     };
     // Two strings into a map cannot fail to serialize in either format.
     encoded.unwrap_or_default()
+}
+
+/// `{"state":S,"code":C}` byte for byte as serde_json writes it (a test
+/// holds the two together), with runs of plain text copied whole: the
+/// code is a kilobyte that needs no escaping.
+fn json_message(state: &str, code: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(state.len() + code.len() + 32);
+    out.extend_from_slice(b"{\"state\":");
+    json_string(&mut out, state);
+    out.extend_from_slice(b",\"code\":");
+    json_string(&mut out, code);
+    out.push(b'}');
+    out
+}
+
+/// A JSON string as serde_json escapes it: `"` and `\\`, the five short
+/// escapes, `\u00xx` for the other control characters, the rest as is.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let escaped = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+    let any =
+        |w: u64| scan::has_below(w, 0x20) | scan::has_byte(w, b'"') | scan::has_byte(w, b'\\');
+    out.push(b'"');
+    let mut rest = s.as_bytes();
+    loop {
+        let plain = scan::first(rest, any, escaped);
+        out.extend_from_slice(&rest[..plain]);
+        let Some(&b) = rest.get(plain) else { break };
+        let short = match b {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            0x08 => b'b',
+            0x0c => b'f',
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            _ => b'u',
+        };
+        out.extend_from_slice(&[b'\\', short]);
+        if short == b'u' {
+            out.extend_from_slice(&[
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 15)],
+            ]);
+        }
+        rest = &rest[plain + 1..];
+    }
+    out.push(b'"');
 }
 
 /// Reads the bot's reply: an object (a dict in pickle) with `success` and
@@ -760,5 +810,22 @@ mod tests {
         });
         assert_eq!(r.unwrap().message, "room");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_json_message_is_serde_json_s_byte_for_byte() {
+        let every_ascii: String = (0u8..0x80).map(char::from).collect();
+        for text in [
+            "",
+            "plain-code_0123.xyz~",
+            "gAAAAABn==",
+            every_ascii.as_str(),
+            "ünï \u{7f} \u{2028} 😀 \"q\" \\ /",
+        ] {
+            for (state, code) in [(text, "c"), ("s", text), (text, text)] {
+                let serde = serde_json::to_vec(&Message { state, code }).unwrap();
+                assert_eq!(encode(Wire::Json, state, code), serde, "{text:?}");
+            }
+        }
     }
 }
