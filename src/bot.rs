@@ -349,8 +349,8 @@ fn send_message(conn: &Stream, message: &[u8], deadline: Instant) -> Result<(), 
             Some(Err(e)) if sent == 0 => return Err(Attempt::NotSent(e)),
             Some(Err(e)) => return Err(Attempt::Failed(io_error(e))),
             None => match sys::wait_ready(conn, libc::POLLOUT, deadline) {
-                Ok(true) => {}
-                Ok(false) => return Err(Attempt::Failed(BotError::Timeout)),
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(Attempt::Failed(BotError::Timeout)),
                 Err(e) => return Err(Attempt::Failed(io_error(e))),
             },
         }
@@ -358,11 +358,14 @@ fn send_message(conn: &Stream, message: &[u8], deadline: Instant) -> Result<(), 
     Ok(())
 }
 
-/// Reads the reply by the deadline. The reply ends at end of stream; but
-/// one that already decodes whole cannot be the start of a longer valid
-/// one (a JSON object, a pickle's STOP), so it is taken without the extra
-/// read for the end of stream. Anything else (a part, trailing bytes in
-/// the same read, garbage) is read to the end and then decoded.
+/// Reads the reply by the deadline. The reply ends at end of stream, and
+/// the `poll` before a read already tells whether the bot has shut its
+/// side (`POLLRDHUP`): a read that then drains the socket has the whole
+/// reply, and the read of the end of stream itself is left out. A reply
+/// that decodes whole before the bot has shut its side cannot be the start
+/// of a longer valid one (a JSON object, a pickle's STOP), so it is taken
+/// too. Anything else (a part, garbage, bytes after the reply) is read to
+/// the end of stream and decoded then.
 fn read_reply(conn: &Stream, wire: Wire, deadline: Instant) -> Result<BotReply, BotError> {
     // Read straight into the reply, grown as needed: no 8 KiB buffer on
     // the stack of each thread.
@@ -370,9 +373,15 @@ fn read_reply(conn: &Stream, wire: Wire, deadline: Instant) -> Result<BotReply, 
     let mut len = 0;
     // Right after the half-close the bot has not answered yet: wait first.
     let mut wait = true;
+    // The bot has shut its side: all it sent is in the socket.
+    let mut ended = false;
     loop {
-        if wait && !sys::wait_ready(conn, libc::POLLIN, deadline).map_err(io_error)? {
-            return Err(BotError::Timeout);
+        if wait {
+            match sys::wait_ready(conn, libc::POLLIN | libc::POLLRDHUP, deadline) {
+                Ok(Some(events)) => ended = events & (libc::POLLRDHUP | libc::POLLHUP) != 0,
+                Ok(None) => return Err(BotError::Timeout),
+                Err(e) => return Err(io_error(e)),
+            }
         }
         if len == reply.len() {
             reply.resize((len * 2).min(MAX_REPLY + 1), 0);
@@ -387,13 +396,16 @@ fn read_reply(conn: &Stream, wire: Wire, deadline: Instant) -> Result<BotReply, 
                 if len > MAX_REPLY {
                     return Err(BotError::TooLarge);
                 }
-                // Worth a try only once the socket is drained and the last
-                // byte can end a reply.
-                if n < room
-                    && may_end(wire, &reply[..len])
-                    && let Ok(whole) = decode(wire, &reply[..len])
-                {
-                    return Ok(whole);
+                // Less than asked for: the socket is drained.
+                if n < room {
+                    if ended {
+                        return decode(wire, &reply[..len]);
+                    }
+                    if may_end(wire, &reply[..len])
+                        && let Ok(whole) = decode(wire, &reply[..len])
+                    {
+                        return Ok(whole);
+                    }
                 }
                 wait = false;
             }
@@ -757,6 +769,21 @@ mod tests {
         assert!(matches!(r, Err(BotError::Invalid(_))), "{r:?}");
         let r = serve(vec![br#"{"success":true,"#, br#""message":"}"#, br#"x"}"#]);
         assert_eq!(r.unwrap().message, "}x");
+        // A pickle is whole at its STOP, and refused with bytes after it.
+        let reply = BotReply {
+            success: true,
+            message: "a.b.".into(),
+        };
+        let pickle = serde_pickle::to_vec(&reply, serde_pickle::SerOptions::new()).unwrap();
+        assert_eq!(decode(Wire::Pickle, &pickle).unwrap(), reply);
+        let trailing = [pickle.as_slice(), b"."].concat();
+        assert!(matches!(
+            decode(Wire::Pickle, &trailing),
+            Err(BotError::Invalid(_))
+        ));
+        for cut in 1..pickle.len() {
+            assert!(decode(Wire::Pickle, &pickle[..cut]).is_err(), "{cut}");
+        }
         let (addr, hold, peer) = peer_holding_open(br#"{"success":true,"message":"x""#.to_vec());
         let c = config_for(BotAddr::Tcp(vec![addr]), 300, 0);
         let r = exchange(&c, "s", "c");

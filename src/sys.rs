@@ -638,18 +638,19 @@ pub fn start_connect_unix(path: &Path) -> io::Result<UnixStream> {
 }
 
 /// Waits until `socket` is ready for `events` (`POLLIN`, `POLLOUT`), an
-/// error or hang-up included, or until `deadline`: false if it passed.
+/// error or hang-up included, or until `deadline`: the events that came
+/// (`revents`), or `None` if the deadline passed.
 pub fn wait_ready(
     socket: &impl AsRawFd,
     events: libc::c_short,
     deadline: Instant,
-) -> io::Result<bool> {
+) -> io::Result<Option<libc::c_short>> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
-        return Ok(false);
+        return Ok(None);
     }
     let mut fds = [pollfd(socket, events)];
-    Ok(poll(&mut fds, Some(left))? > 0)
+    Ok((poll(&mut fds, Some(left))? > 0).then_some(fds[0].revents))
 }
 
 /// The signal that interrupts the fd-0 loop's blocking `accept` when a
