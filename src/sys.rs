@@ -567,9 +567,10 @@ pub fn relisten(socket: &impl AsFd, backlog: i32) -> io::Result<()> {
     }
 }
 
-// ---- The synchronous bot exchange (bot.rs): a non-blocking socket whose
-// every wait is a `poll` bounded by the exchange's deadline, so no
-// per-socket timeout needs setting. ----
+// ---- The synchronous path (fd 0 and CGI). The bot exchange (bot.rs): a
+// non-blocking socket whose every wait is a `poll` bounded by the
+// exchange's deadline, so no per-socket timeout needs setting. The fd-0
+// loop (server/mod.rs): a blocking accept that a signal can end. ----
 
 /// Starts a TCP connection on a fresh non-blocking socket: when this
 /// returns the connection is made or under way (over loopback the
@@ -728,7 +729,7 @@ pub fn accept_interruptible(listener: &impl AsRawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-// ---- end of the bot exchange's calls ----
+// ---- end of the synchronous path's calls ----
 
 #[cfg(test)]
 mod tests {
