@@ -358,14 +358,14 @@ fn send_message(conn: &Stream, message: &[u8], deadline: Instant) -> Result<(), 
     Ok(())
 }
 
-/// Reads the reply by the deadline. The reply ends at end of stream, and
-/// the `poll` before a read already tells whether the bot has shut its
-/// side (`POLLRDHUP`): a read that then drains the socket has the whole
-/// reply, and the read of the end of stream itself is left out. A reply
-/// that decodes whole before the bot has shut its side cannot be the start
-/// of a longer valid one (a JSON object, a pickle's STOP), so it is taken
-/// too. Anything else (a part, garbage, bytes after the reply) is read to
-/// the end of stream and decoded then.
+/// Reads the reply by the deadline. The reply ends at the bot's end of
+/// stream, as on the old wire, and the `poll` before a read already tells
+/// whether the bot has shut its side (`POLLRDHUP`): a read that then
+/// drains the socket has the whole reply, and the read of the end of
+/// stream itself is left out. A reply that looks whole before the bot has
+/// shut its side is not taken: the event loop reads to the end of stream
+/// too, and a bot's reply must not be an answer in one mode and a timeout
+/// in the other, or an answer or a refusal depending on how TCP cut it.
 fn read_reply(conn: &Stream, wire: Wire, deadline: Instant) -> Result<BotReply, BotError> {
     // Read straight into the reply, grown as needed: no 8 KiB buffer on
     // the stack of each thread.
@@ -396,29 +396,14 @@ fn read_reply(conn: &Stream, wire: Wire, deadline: Instant) -> Result<BotReply, 
                 if len > MAX_REPLY {
                     return Err(BotError::TooLarge);
                 }
-                // Less than asked for: the socket is drained.
-                if n < room {
-                    if ended {
-                        return decode(wire, &reply[..len]);
-                    }
-                    if may_end(wire, &reply[..len])
-                        && let Ok(whole) = decode(wire, &reply[..len])
-                    {
-                        return Ok(whole);
-                    }
+                // Less than asked for after the bot shut its side: the
+                // socket is drained, and that is the whole reply.
+                if n < room && ended {
+                    return decode(wire, &reply[..len]);
                 }
                 wait = false;
             }
         }
-    }
-}
-
-/// Whether `bytes` can be a whole reply by its last byte: a JSON object
-/// ends with `}` (and maybe white space), a pickle with STOP (`.`).
-fn may_end(wire: Wire, bytes: &[u8]) -> bool {
-    match wire {
-        Wire::Json => bytes.trim_ascii_end().last() == Some(&b'}'),
-        Wire::Pickle => bytes.last() == Some(&b'.'),
     }
 }
 
@@ -717,11 +702,11 @@ mod tests {
         (addr, hold, peer)
     }
 
-    /// A reply that decodes whole is the answer: the relay does not wait
-    /// for the bot to close (here it closes only after the answer is in).
+    /// The reply ends at the bot's end of stream, as on the old wire: one
+    /// that looks whole but is held open is no answer by the deadline,
+    /// whatever its length (512 bytes fills the first read exactly).
     #[test]
-    fn a_whole_reply_is_taken_before_the_end_of_stream() {
-        let json = br#"{"success":true,"message":"in"} "#.to_vec();
+    fn a_reply_counts_only_at_the_end_of_stream() {
         let pickle = serde_pickle::to_vec(
             &BotReply {
                 success: false,
@@ -730,14 +715,33 @@ mod tests {
             serde_pickle::SerOptions::new(),
         )
         .unwrap();
-        for (wire, reply, message) in [(Wire::Json, json, "in"), (Wire::Pickle, pickle, "taken")] {
-            let (addr, hold, peer) = peer_holding_open(reply);
-            let mut c = config_for(BotAddr::Tcp(vec![addr]), 30_000, 0);
+        let json = |len: usize| {
+            let head = br#"{"success":true,"message":""#.len() + br#""}"#.len();
+            format!(
+                r#"{{"success":true,"message":"{}"}}"#,
+                "m".repeat(len - head)
+            )
+            .into_bytes()
+        };
+        for (wire, reply) in [
+            (Wire::Json, json(64)),
+            (Wire::Json, json(512)),
+            (Wire::Json, json(513)),
+            (Wire::Pickle, pickle),
+        ] {
+            let (addr, hold, peer) = peer_holding_open(reply.clone());
+            let mut c = config_for(BotAddr::Tcp(vec![addr]), 300, 0);
             c.wire = wire;
             let got = exchange(&c, "s", "c");
             hold.send(()).unwrap();
             peer.join().unwrap();
-            assert_eq!(got.unwrap().message, message);
+            assert!(
+                matches!(got, Err(BotError::Timeout)),
+                "{} bytes: {got:?}",
+                reply.len()
+            );
+            // The same bytes followed by the end of stream are the answer.
+            assert!(decode(wire, &reply).is_ok());
         }
     }
 
@@ -769,6 +773,16 @@ mod tests {
         assert!(matches!(r, Err(BotError::Invalid(_))), "{r:?}");
         let r = serve(vec![br#"{"success":true,"#, br#""message":"}"#, br#"x"}"#]);
         assert_eq!(r.unwrap().message, "}x");
+        // A reply that fills the first read exactly, then the end of stream.
+        for len in [511, 512, 513, 1024] {
+            let head = br#"{"success":true,"message":""#.len() + br#""}"#.len();
+            let reply = format!(
+                r#"{{"success":true,"message":"{}"}}"#,
+                "m".repeat(len - head)
+            );
+            let r = serve(vec![reply.into_bytes().leak()]);
+            assert_eq!(r.unwrap().message.len(), len - head, "{len}");
+        }
         // A pickle is whole at its STOP, and refused with bytes after it.
         let reply = BotReply {
             success: true,

@@ -729,6 +729,21 @@ pub fn accept_interruptible(listener: &impl AsRawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Waits until `listener` has a connection to accept, for a listener a
+/// launcher made non-blocking. Unlike [`poll`] it is not resumed after a
+/// signal: [`interrupt_signal`] ends it with `Interrupted`, as it ends
+/// [`accept_interruptible`].
+pub fn wait_acceptable(listener: &impl AsRawFd) -> io::Result<()> {
+    let mut fds = [pollfd(listener, libc::POLLIN)];
+    // SAFETY: the pointer and length describe a valid, exclusively
+    // borrowed slice of one pollfd.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 // ---- end of the synchronous path's calls ----
 
 #[cfg(test)]

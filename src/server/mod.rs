@@ -146,10 +146,18 @@ fn next_connection(
             accepting.store(false, Ordering::SeqCst);
             return Ok(None);
         }
-        let accepted = listener.accept_interruptible();
+        let accepted = match listener.accept_interruptible() {
+            // A launcher may hand over a non-blocking socket (systemd's
+            // NonBlocking=yes): wait for a connection, interruptibly too.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                sys::wait_acceptable(listener).and(Err(io::ErrorKind::Interrupted.into()))
+            }
+            other => other,
+        };
         accepting.store(false, Ordering::SeqCst);
         match accepted {
             Ok(stream) => return Ok(Some(stream)),
+            // Also after a wait for a non-blocking listener: accept again.
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // Failures that pass (a client gone before accept, out of file
             // descriptors for a moment); the growing pause keeps a lasting
