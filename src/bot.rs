@@ -396,12 +396,13 @@ fn read_reply(conn: &Stream, wire: Wire, deadline: Instant) -> Result<BotReply, 
                 if len > MAX_REPLY {
                     return Err(BotError::TooLarge);
                 }
-                // Less than asked for after the bot shut its side: the
-                // socket is drained, and that is the whole reply.
+                // Less than asked for: the socket is drained. After the
+                // bot shut its side that is the whole reply; before, the
+                // next read waits for more or for the end.
                 if n < room && ended {
                     return decode(wire, &reply[..len]);
                 }
-                wait = false;
+                wait = n < room;
             }
         }
     }
