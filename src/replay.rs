@@ -23,7 +23,9 @@
 //! per slot (held for the whole delivery), in a range past the end of the
 //! file. Those locks do not exclude threads sharing the descriptor, so the
 //! same ranges are also claimed in an in-process set with a condvar.
-//! Neither kind of lock wait can outlast the caller's deadline.
+//! Neither kind of lock wait can outlast the caller's deadline. An answer
+//! is final, so a replay is read under its bucket's lock alone; a seal (a
+//! checksum) in each slot tells a whole slot from one read mid-write.
 //!
 //! Before the first byte goes to the bot the slot records the intent (the
 //! hash, "delivering", the time, the holder's pid), in the page cache,
@@ -56,6 +58,11 @@ pub const SLOT: usize = 512;
 pub const PER_BUCKET: usize = 8;
 const BUCKET: usize = SLOT * PER_BUCKET;
 const HEADER: usize = 4096;
+/// Where a slot's seal lies (8 bytes, after its fixed fields): a checksum
+/// of what the slot says. A replay is answered from the bucket's read,
+/// which takes no slot lock and so may meet a write half done; a slot
+/// whose seal does not match is read again under its lock.
+const SEAL_AT: usize = 48;
 /// Where a slot's fixed fields end and the bot's message begins.
 const MESSAGE_AT: usize = 64;
 /// The longest message kept whole; a longer one is kept cut, with "…".
@@ -197,6 +204,8 @@ impl Slot {
         b[8..16].copy_from_slice(&self.at.to_le_bytes());
         b[16..48].copy_from_slice(&self.hash);
         b[MESSAGE_AT..MESSAGE_AT + message.len()].copy_from_slice(&message);
+        let seal = seal(&b);
+        b[SEAL_AT..SEAL_AT + 8].copy_from_slice(&seal.to_le_bytes());
         b
     }
 
@@ -238,6 +247,24 @@ impl Slot {
     }
 }
 
+/// FNV-1a over everything [`Slot::decode`] reads: the fixed fields and the
+/// message. Not a defence against a forger (the table is private), only a
+/// test that a read did not cross a write.
+fn seal(b: &[u8]) -> u64 {
+    let len = usize::from(u16::from_le_bytes([b[2], b[3]])).min(MESSAGE_MAX);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in b[..SEAL_AT].iter().chain(&b[MESSAGE_AT..MESSAGE_AT + len]) {
+        h = (h ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Whether a slot read without its lock is whole: its seal matches (a
+/// table written before seals has none: such slots are read under the lock).
+fn sealed(b: &[u8]) -> bool {
+    b.len() >= SLOT && b[SEAL_AT..SEAL_AT + 8] == seal(b).to_le_bytes()
+}
+
 /// A message that fits a slot, cut at a character boundary with "…" when
 /// it does not.
 fn cut(message: &[u8]) -> std::borrow::Cow<'_, [u8]> {
@@ -274,6 +301,10 @@ fn victims(slots: &[Slot], now: u64, ttl: Duration) -> Vec<usize> {
     order
 }
 
+/// How long a failed delivery answers the repeats of its code that come
+/// after it, before one tries again.
+pub const FAILURE_HOLD: Duration = Duration::from_secs(2);
+
 /// What a request does with the entry it found for its code, holding the
 /// entry's lock. `asked` is when the request began.
 #[derive(Debug, PartialEq, Eq)]
@@ -293,10 +324,38 @@ fn verdict(slot: &Slot, now: u64, ttl: Duration, asked: u64) -> Verdict {
         // The lock is free, so whoever began this delivery is gone.
         Entry::Delivering if fresh => Verdict::Unconfirmed,
         // A failure that ended while this request waited: the bot may hold
-        // the code, so answer as that delivery did. One from before this
-        // request began (a reload after a 504) tries again.
-        Entry::Failed(kind) if slot.at >= asked => Verdict::Fail(*kind),
+        // the code, so answer as that delivery did. So does one that ended
+        // just before: a process that serves one connection at a time reads
+        // each queued repeat only after the previous one failed. A reload
+        // after a 504 page (seconds later) tries again.
+        Entry::Failed(kind)
+            if slot.at >= asked || now.saturating_sub(slot.at) < nanos(FAILURE_HOLD) =>
+        {
+            Verdict::Fail(*kind)
+        }
         _ => Verdict::Deliver,
+    }
+}
+
+/// The answer that a slot read under its bucket's lock alone gives at once:
+/// an answer, or a failure this request waited for, read whole (sealed).
+/// An answer is final: only an intent needs the slot's lock, to tell a live
+/// delivery from a dead one; and an entry to deliver again is claimed
+/// under it.
+fn final_answer(
+    raw: &[u8],
+    slot: &Slot,
+    now: u64,
+    ttl: Duration,
+    asked: u64,
+) -> Option<Result<(BotReply, Delivery), Undelivered>> {
+    if !sealed(raw) {
+        return None;
+    }
+    match verdict(slot, now, ttl, asked) {
+        Verdict::Replay(reply) => Some(Ok((reply, Delivery::Replayed))),
+        Verdict::Fail(kind) => Some(Err(Undelivered::Bot(kind.error()))),
+        Verdict::Unconfirmed | Verdict::Deliver => None,
     }
 }
 
@@ -634,9 +693,17 @@ impl Inner {
     }
 
     fn read_bucket(&self, bucket: u64) -> io::Result<Vec<Slot>> {
+        Ok(self
+            .read_page(bucket)?
+            .chunks(SLOT)
+            .map(Slot::decode)
+            .collect())
+    }
+
+    fn read_page(&self, bucket: u64) -> io::Result<Vec<u8>> {
         let mut page = vec![0u8; BUCKET];
         read_at(&self.file, &mut page, self.slot_offset(bucket, 0))?;
-        Ok(page.chunks(SLOT).map(Slot::decode).collect())
+        Ok(page)
     }
 
     fn read_slot(&self, offset: u64) -> io::Result<Slot> {
@@ -661,8 +728,16 @@ impl Inner {
                 return Ok(Claim::NoRoom);
             };
             let now = now_nanos();
-            let slots = self.read_bucket(bucket)?;
-            let (i, guard) = match find(&slots, hash, now, self.ttl, asked) {
+            let page = self.read_page(bucket)?;
+            let slots: Vec<Slot> = page.chunks(SLOT).map(Slot::decode).collect();
+            let found = find(&slots, hash, now, self.ttl, asked);
+            if let Some(i) = found {
+                let raw = &page[i * SLOT..(i + 1) * SLOT];
+                if let Some(result) = final_answer(raw, &slots[i], now, self.ttl, asked) {
+                    return Ok(Claim::Done(result));
+                }
+            }
+            let (i, guard) = match found {
                 Some(i) => match self.try_lock(self.slot_lock(bucket, i))? {
                     Some(guard) => (i, guard),
                     None => {
@@ -1194,6 +1269,35 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_read_mid_write_is_not_sealed() {
+        let new = slot(3, 200, answered("Welcome ✓")).encode();
+        assert!(sealed(&new));
+        let old = slot(3, 100, Entry::Delivering).encode();
+        // A read crossing the write sees a mix of the two: sealed only if
+        // it says what one of them says.
+        let whole = [Slot::decode(&old), Slot::decode(&new)];
+        let mut mixes = 0;
+        for cut in 1..SLOT {
+            for (a, b) in [(&old, &new), (&new, &old)] {
+                let mut torn = *a;
+                torn[cut..].copy_from_slice(&b[cut..]);
+                if sealed(&torn) {
+                    assert!(whole.contains(&Slot::decode(&torn)), "cut at {cut}");
+                } else {
+                    mixes += 1;
+                }
+            }
+        }
+        // Every cut inside the fields both read is caught, either way.
+        assert!(mixes >= 2 * (SEAL_AT + 7), "{mixes}");
+        // A slot written before seals were: read under its lock.
+        let mut unsealed = new;
+        unsealed[SEAL_AT..SEAL_AT + 8].fill(0);
+        assert!(!sealed(&unsealed));
+        assert_eq!(Slot::decode(&unsealed), Slot::decode(&new));
+    }
+
+    #[test]
     fn a_long_message_is_kept_cut_at_a_character_with_an_ellipsis() {
         let fits = "é".repeat(MESSAGE_MAX / 2);
         assert_eq!(
@@ -1270,8 +1374,12 @@ mod tests {
             FailureKind::TooLarge,
         ] {
             assert_eq!(v(now, Entry::Failed(kind)), Verdict::Fail(kind));
-            // One from before this request (a reload after it) tries again.
-            assert_eq!(v(before, Entry::Failed(kind)), Verdict::Deliver);
+            // One that ended just before this request began (a repeat
+            // queued behind it) answers it too.
+            assert_eq!(v(before, Entry::Failed(kind)), Verdict::Fail(kind));
+            // One from well before (a reload after its page) tries again.
+            let reload = now - nanos(FAILURE_HOLD) - 1;
+            assert_eq!(v(reload, Entry::Failed(kind)), Verdict::Deliver);
         }
         assert_eq!(v(now, Entry::Empty), Verdict::Deliver);
         // With a zero TTL, what happened while waiting still counts.
@@ -1365,6 +1473,49 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// A replay takes no slot lock: with the slot's lock byte held by
+    /// another open file description (as a process delivering another code
+    /// through that slot would), it is answered, not made to wait. With no
+    /// time to wait at all, a request that waited for the slot would fail.
+    #[test]
+    fn a_replay_is_answered_while_another_holds_the_slot_s_lock() {
+        let dir = temp_dir("replay-unlocked");
+        let store = open(&dir, TTL, 64);
+        let (_, d) = message(store.deliver_once("done", WAIT, || ok("welcome")));
+        assert_eq!(d, Delivery::First);
+        let inner = &*store.inner;
+        let hash = inner.hash("done");
+        let bucket = inner.bucket_of(&hash);
+        let slots = inner.read_bucket(bucket).unwrap();
+        let i = find(&slots, &hash, now_nanos(), TTL, 0).expect("the answer is kept");
+        let other = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("replay.table"))
+            .unwrap();
+        assert!(sys::try_lock_byte(&other, inner.slot_lock(bucket, i)).unwrap());
+        assert!(!sys::try_lock_byte(&inner.file, inner.slot_lock(bucket, i)).unwrap());
+        for store in [&store, &open(&dir, TTL, 64)] {
+            let again = store.deliver_once("done", Duration::ZERO, || panic!("sent twice"));
+            assert_eq!(message(again), ("welcome".into(), Delivery::Replayed));
+        }
+        // A slot whose seal does not match is read under its lock: here
+        // that lock stays held, so the repeat gives up at its bound.
+        let offset = inner.slot_offset(bucket, i);
+        other
+            .write_all_at(&[0xAA], offset + SEAL_AT as u64)
+            .unwrap();
+        let r = store.deliver_once("done", Duration::ZERO, || panic!("sent twice"));
+        assert!(
+            matches!(r, Err(Undelivered::Bot(BotError::Timeout))),
+            "{r:?}"
+        );
+        assert!(sys::unlock_byte(&other, inner.slot_lock(bucket, i)).unwrap());
+        let again = store.deliver_once("done", WAIT, || panic!("sent twice"));
+        assert_eq!(message(again), ("welcome".into(), Delivery::Replayed));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn the_table_keeps_the_latest_codes_within_its_size() {
         let dir = temp_dir("flood");
@@ -1401,7 +1552,11 @@ mod tests {
         assert!(table[HEADER..].iter().all(|&b| b == 0), "an entry was left");
         let r = store.deliver_once("c", WAIT, || Err(BotError::Timeout));
         assert!(matches!(r, Err(Undelivered::Bot(BotError::Timeout))));
-        // A reload after the failure tries again.
+        // A repeat right after the failure gets the same answer, unsent...
+        let r = store.deliver_once("c", WAIT, || panic!("sent again at once"));
+        assert!(matches!(r, Err(Undelivered::Bot(BotError::Timeout))));
+        // ...and a reload after the failure's page tries again.
+        thread::sleep(FAILURE_HOLD);
         let (_, d) = message(store.deliver_once("c", WAIT, || ok("now")));
         assert_eq!(d, Delivery::First);
         let _ = fs::remove_dir_all(&dir);
