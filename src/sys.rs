@@ -567,6 +567,44 @@ pub fn relisten(socket: &impl AsFd, backlog: i32) -> io::Result<()> {
     }
 }
 
+// Process start without std's runtime: the entry point in main.rs skips it
+// (it costs a CGI request a reading of /proc/self/maps and a dozen system
+// calls for a stack-overflow handler), and calls this instead.
+
+/// Does what std's runtime does at start that this program relies on:
+/// SIGPIPE ignored, so that writing to a peer that went away is an error
+/// (EPIPE) and not the end of the process; and descriptors 0, 1 and 2
+/// open, on /dev/null for any that was closed, so that no file or socket
+/// the program opens becomes its stdout or stderr.
+pub fn prepare_process() {
+    let mut fds = [0, 1, 2].map(|fd| libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    });
+    // SAFETY: a valid array of three pollfd; a zero timeout never blocks.
+    let polled = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+    for pfd in fds {
+        let closed = if polled < 0 {
+            // SAFETY: F_GETFD only reads the descriptor's flags.
+            let flags = unsafe { libc::fcntl(pfd.fd, libc::F_GETFD) };
+            flags < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EBADF)
+        } else {
+            pfd.revents & libc::POLLNVAL != 0
+        };
+        // The lowest free descriptor is the one found closed: the lower
+        // ones are open by now.
+        // SAFETY: a NUL-terminated path; the descriptor is kept open for
+        // the life of the process, as std's start does.
+        if closed && unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) } != pfd.fd {
+            // As std's start: without a safe stdout or stderr, stop.
+            std::process::abort();
+        }
+    }
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
