@@ -38,7 +38,8 @@ def parse_args(argv, usage=None):
                    help="check the targets against the loads and render a report from made-up "
                         "figures; runs nothing")
     p.add_argument("--no-build", action="store_true", help="use the binaries already built")
-    p.add_argument("--relay-bin", type=Path, help="benchmark this tourney-register binary instead")
+    p.add_argument("--relay-bin", type=Path,
+                   help="benchmark this tourney-register binary instead of scripts/build-release's")
     p.add_argument("--baseline-bin", type=Path, metavar="PATH",
                    help="also run every relay part (all but static) for this older build, back to "
                         "back with the current one, and report the two side by side "

@@ -222,8 +222,9 @@ def report(bench, info, load_before, load_after, started, elapsed):
     pairs = comparison(bench, static_rps)
     if pairs:
         add(f"Before and after, from this run: baseline {a.baseline_bin}. Each relay part ran for "
-            "both builds back to back (which one first alternates part by part; the CGI runs and "
-            "the fresh starts alternate run by run); × static and × /bin/true divide by the limit "
+            "both builds back to back (which one first alternates part by part; the fresh starts "
+            "alternate run by run, and each CGI round runs /bin/true and both builds in an order "
+            "that rotates round by round); × static and × /bin/true divide by the limit "
             "measured in this run. A relay CPU difference under about 20 µs is within one run's "
             "noise (BENCHMARKS.md).")
         add("")

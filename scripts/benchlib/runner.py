@@ -12,6 +12,7 @@ import http.client
 import os
 import shutil
 import statistics
+import subprocess
 import time
 
 from . import syscalls
@@ -67,8 +68,11 @@ class Bench:
     def build(self):
         if not self.args.no_build:
             log("building release binaries")
-            run(["cargo", "build", "--release", "--quiet", "--bin", "tourney-register",
-                 "--example", "bench_bot"], cwd=REPO, timeout=1800)
+            # The relay as it ships (linked statically on glibc Linux).
+            run([str(REPO / "scripts" / "build-release"), "--quiet"], cwd=REPO, timeout=1800,
+                stdout=subprocess.DEVNULL)
+            run(["cargo", "build", "--release", "--quiet", "--example", "bench_bot"], cwd=REPO,
+                timeout=1800)
         if self.rundir.exists():
             # Left by an interrupted run (a finished one removes its stores).
             shutil.rmtree(self.rundir)
@@ -80,7 +84,7 @@ class Bench:
         # Snapshots: a rebuild by someone else mid-run changes nothing here.
         self.relay_bin = self.rundir / "bin" / "tourney-register"
         self.bot_bin = self.rundir / "bin" / "bench_bot"
-        shutil.copy2(self.args.relay_bin or REPO / "target" / "release" / "tourney-register",
+        shutil.copy2(self.args.relay_bin or REPO / "target" / "dist" / "tourney-register",
                      self.relay_bin)
         self.current.relay_bin = self.relay_bin
         if self.args.baseline_bin:
@@ -331,13 +335,18 @@ class Bench:
 
         log(f"CGI: {a.cgi_runs} runs each of /bin/true and one CGI request"
             f"{' of each build' if self.baseline else ''}, interleaved")
+        contenders = [None, *builds]  # None: /bin/true
         for i in range(a.cgi_warmup + a.cgi_runs):
-            # /bin/true, then the builds, their order alternating round by
-            # round: a process right after another pays for different
-            # caches than one after a pause.
-            order = builds if i % 2 == 0 else builds[::-1]
-            round_times = {"true": once(true_bin, [true_bin], base_env)}
-            for build in order:
+            # Each round runs /bin/true and every build once, in an order
+            # that rotates round by round: a process pays for what the one
+            # before it left behind (its exit, the caches), and by as much as
+            # a build's whole difference to /bin/true.
+            k = i % len(contenders)
+            round_times = {}
+            for build in contenders[k:] + contenders[:k]:
+                if build is None:
+                    round_times["true"] = once(true_bin, [true_bin], base_env)
+                    continue
                 env = dict(base_env,
                            QUERY_STRING=f"code={CODE_PAD}{RUN_TAG}-cgi{build.suffix}-{i}&state={STATE}")
                 round_times[build.name] = once(str(build.relay_bin), [str(build.relay_bin)], env)
