@@ -505,12 +505,12 @@ pub fn list_dir(dir: &impl AsFd) -> io::Result<Vec<Vec<u8>>> {
 /// Makes the calling thread yield to the others (nice 10): for work that
 /// must never slow a request down.
 pub fn lower_thread_priority() {
-    // SAFETY: gettid has no preconditions; setpriority on one's own
-    // thread id only changes that thread's nice value.
-    unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
-    }
+    // Linux keeps a nice value per thread, and `who` 0 names the calling
+    // thread. Not through gettid(): std declares that symbol weak, and in
+    // the statically linked release build (fat LTO) the call then went to
+    // address 0.
+    // SAFETY: setpriority on the calling thread only changes its nice value.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
 }
 
 /// Lets go of everything the web server waits on, so that a CGI response
@@ -609,6 +609,22 @@ pub fn prepare_process() {
 mod tests {
     use super::*;
     use std::fs::File;
+
+    #[test]
+    fn a_lowered_priority_is_the_calling_threads_alone() {
+        // SAFETY: getpriority only reads the calling thread's nice value.
+        let nice = || unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        let before = nice();
+        let lowered = std::thread::spawn(move || {
+            lower_thread_priority();
+            nice()
+        })
+        .join()
+        .unwrap();
+        // Nice 10, or more if the test run was started nicer than that.
+        assert_eq!(lowered, before.max(10));
+        assert_eq!(nice(), before, "the other threads keep theirs");
+    }
 
     #[test]
     fn only_a_listening_socket_is_taken() {
