@@ -41,9 +41,10 @@ def parse_args(argv, usage=None):
     p.add_argument("--relay-bin", type=Path,
                    help="benchmark this tourney-register binary instead of scripts/build-release's")
     p.add_argument("--baseline-bin", type=Path, metavar="PATH",
-                   help="also run every relay part (all but static) for this older build, back to "
-                        "back with the current one, and report the two side by side "
-                        "(scripts/build-baseline REV builds one)")
+                   help="also run every relay part (all but static, which runs once and is added "
+                        "to --only when a load runs) for this older build, back to back with the "
+                        "current one, and report the two side by side (scripts/build-baseline REV "
+                        "builds one)")
     p.add_argument("--state-dir", type=Path,
                    help="parent directory for the replay stores [/dev/shm when it is a tmpfs, "
                         "else target/bench/run]; the *-disk loads put theirs in target/bench/run")
@@ -72,6 +73,10 @@ def parse_args(argv, usage=None):
             p.error(f"--{name.replace('_', '-')} {path}: not an executable file")
     if args.only - set(PARTS):
         p.error(f"--only: unknown {', '.join(sorted(args.only - set(PARTS)))}")
+    if args.baseline_bin and any(PARTS[part][0] for part in args.only):
+        # The two builds' loads are read against the limit measured in the
+        # same run.
+        args.only.add("static")
     if args.quick:
         args.duration, args.warmup, args.cgi_runs, args.spawn_runs = 3, 1, 100, 2
     for name in ("duration", "conns", "burst_conns", "threads", "cgi_runs", "spawn_runs",

@@ -16,8 +16,8 @@ def bench_baseline(bench):
     return getattr(bench, "baseline", None)
 
 
-def load_row(p, static_rps, build=None):
-    """One line of the loads' table; a baseline's says so in its name."""
+def load_row(p, static_rps):
+    """One line of the loads' table (a baseline's name says so)."""
     w, c = p["wrk"], p["cpu_us_per_req"]
     errors = w["status"] + w["socket_errors"]
     err_text = str(errors) if errors == 0 else (
@@ -32,9 +32,8 @@ def load_row(p, static_rps, build=None):
                  f"{p['relay_outcomes'].get('approved', 0)}, dup {b['duplicates']}"
                  f" (wrk: {w['ok']})")
     ratio = f"{w['rps'] / static_rps:.2f}" if static_rps else dash
-    name = p["name"].removesuffix(f"-{build}") + (f", {build}" if build else "")
     cells = [
-        name, p["conns"], f"{p['delay_ms']} ms" if dyn else dash, f"{w['rps']:.0f}", ratio,
+        p["name"], p["conns"], f"{p['delay_ms']} ms" if dyn else dash, f"{w['rps']:.0f}", ratio,
         fmt_ms(w["p50_us"]), fmt_ms(w["p99_us"]), err_text, codes,
         f"{c.get('relay', 0):.0f}" if dyn else dash, f"{c.get('apache', 0):.0f}",
         f"{c.get('bot', 0):.0f}" if dyn else dash, f"{c.get('wrk', 0):.0f}",
@@ -172,7 +171,7 @@ def report(bench, info, load_before, load_after, started, elapsed):
     for phase, p in bench.phases.items():
         add(load_row(p, static_rps))
         if base and phase in base.phases:
-            add(load_row(base.phases[phase], static_rps, "baseline"))
+            add(load_row(base.phases[phase], static_rps))
     if bench.phases:
         add("")
 

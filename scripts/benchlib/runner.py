@@ -35,8 +35,13 @@ class Build:
     @property
     def suffix(self):
         """Appended to what a run names after the build (instances, code
-        prefixes, checks): nothing for the current build."""
+        prefixes, files): nothing for the current build."""
         return "" if self.name == "current" else f"-{self.name}"
+
+    @property
+    def label(self):
+        """Appended to a load's name in the report and the code checks."""
+        return "" if self.name == "current" else f", {self.name}"
 
 
 class Bench:
@@ -141,7 +146,7 @@ class Bench:
         if phase not in phases_of(self.args.only):
             raise ValueError(f"load {phase!r} is not in phases.PARTS for --only {sorted(self.args.only)}")
         build = build or self.current
-        name = phase.value + build.suffix
+        name = phase.value + build.label
         a = self.args
         dynamic = path.startswith("/register")
         bot = (Bot(self.bot_bin, self.bot_port, delay_ms, self.rundir, unix=apache.bot_unix)

@@ -61,7 +61,7 @@ def made_up_run(baseline=False):
         for p in Phase:
             if p != Phase.STATIC:
                 phases[p] = _load(p)
-                phases[p]["name"] += "-baseline"
+                phases[p]["name"] += ", baseline"
                 phases[p]["cpu_us_per_req"]["relay"] = 120.0
         base = SimpleNamespace(name="baseline", phases=phases, results=_results(987, 84))
     return SimpleNamespace(args=args, phases={p: _load(p) for p in Phase}, results=_results(700, 46),
@@ -132,8 +132,11 @@ def _baseline_option():
         plain.write_bytes(b"")
         plain.chmod(0o644)
         args = parse_args(["--baseline-bin", str(exe), "--only", "cgi"])
-        if args.baseline_bin != exe:
-            problems.append("--baseline-bin was not kept")
+        if args.baseline_bin != exe or args.only != {"cgi"}:
+            problems.append(f"--baseline-bin with --only cgi: {args.baseline_bin}, {args.only}")
+        args = parse_args(["--baseline-bin", str(exe), "--only", "fcgid"])
+        if args.only != {"fcgid", "static"}:
+            problems.append(f"--baseline-bin with a load and no static file to read it by: {args.only}")
         for bad in (plain, Path(d) / "missing", Path(d)):
             try:
                 # argparse says why on stderr: quiet while it is expected.
