@@ -52,8 +52,8 @@ Settings (environment):
 ///
 /// Std's own start (`fn main`) sets up a handler that reports a main
 /// thread's stack overflow, and finds the stack's bounds for it by reading
-/// all of `/proc/self/maps`: 20 system calls that each CGI request, a
-/// process of its own, would pay for before reading its first variable.
+/// all of `/proc/self/maps`: 20 system calls (18 at start, 2 at exit) that
+/// each CGI request, a process of its own, would pay for.
 /// A stack overflow here ends the process by SIGSEGV instead of a message.
 /// What the program needs from std's start is done by
 /// [`sys::prepare_process`]; `std::env::args` works without it (glibc
