@@ -505,12 +505,12 @@ pub fn list_dir(dir: &impl AsFd) -> io::Result<Vec<Vec<u8>>> {
 /// Makes the calling thread yield to the others (nice 10): for work that
 /// must never slow a request down.
 pub fn lower_thread_priority() {
-    // SAFETY: gettid has no preconditions; setpriority on one's own
-    // thread id only changes that thread's nice value.
-    unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
-    }
+    // Linux keeps a nice value per thread, and `who` 0 names the calling
+    // thread. Not through gettid(): std declares that symbol weak, and in
+    // the statically linked release build (fat LTO) the call then went to
+    // address 0.
+    // SAFETY: setpriority on the calling thread only changes its nice value.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
 }
 
 /// Lets go of everything the web server waits on, so that a CGI response
@@ -746,10 +746,64 @@ pub fn wait_acceptable(listener: &impl AsRawFd) -> io::Result<()> {
 
 // ---- end of the synchronous path's calls ----
 
+// Process start without std's runtime: the entry point in main.rs skips it
+// (it costs a CGI request a reading of /proc/self/maps and a dozen system
+// calls for a stack-overflow handler), and calls this instead.
+
+/// Does what std's runtime does at start that this program relies on:
+/// SIGPIPE ignored, so that writing to a peer that went away is an error
+/// (EPIPE) and not the end of the process; and descriptors 0, 1 and 2
+/// open, on /dev/null for any that was closed, so that no file or socket
+/// the program opens becomes its stdout or stderr.
+pub fn prepare_process() {
+    let mut fds = [0, 1, 2].map(|fd| libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    });
+    // SAFETY: a valid array of three pollfd; a zero timeout never blocks.
+    let polled = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+    for pfd in fds {
+        let closed = if polled < 0 {
+            // SAFETY: F_GETFD only reads the descriptor's flags.
+            let flags = unsafe { libc::fcntl(pfd.fd, libc::F_GETFD) };
+            flags < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EBADF)
+        } else {
+            pfd.revents & libc::POLLNVAL != 0
+        };
+        // The lowest free descriptor is the one found closed: the lower
+        // ones are open by now.
+        // SAFETY: a NUL-terminated path; the descriptor is kept open for
+        // the life of the process, as std's start does.
+        if closed && unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) } != pfd.fd {
+            // As std's start: without a safe stdout or stderr, stop.
+            std::process::abort();
+        }
+    }
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::fs::File;
+
+    #[test]
+    fn a_lowered_priority_is_the_calling_threads_alone() {
+        // SAFETY: getpriority only reads the calling thread's nice value.
+        let nice = || unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        let before = nice();
+        let lowered = std::thread::spawn(move || {
+            lower_thread_priority();
+            nice()
+        })
+        .join()
+        .unwrap();
+        // Nice 10, or more if the test run was started nicer than that.
+        assert_eq!(lowered, before.max(10));
+        assert_eq!(nice(), before, "the other threads keep theirs");
+    }
 
     #[test]
     fn only_a_listening_socket_is_taken() {

@@ -10,6 +10,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -1024,4 +1025,80 @@ fn a_run_by_hand_without_request_method_is_a_get() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(http.status, 200, "{}\n{stderr}", http.body);
     assert_eq!(bot.received(), [(state.as_str(), code.as_str())]);
+}
+
+// ---------------------------------------------------------------------------
+// The process's start (the program starts without std's runtime)
+// ---------------------------------------------------------------------------
+
+/// A web server that went away before reading the answer: writing it fails
+/// (EPIPE), and the process still ends normally, the code delivered once,
+/// rather than being killed by SIGPIPE.
+#[test]
+fn a_reader_that_went_away_costs_the_answer_not_the_process() {
+    let bot = Bot::start("json", "approve");
+    let store = private_dir("epipe");
+    let (code, state) = (new_code(), new_state());
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = Command::new(bin())
+        .env_clear()
+        .envs([
+            ("REQUEST_METHOD", "GET"),
+            ("QUERY_STRING", query(&code, &state).as_str()),
+            ("REGISTER_BOT_ADDR", bot.addr()),
+            ("REGISTER_STATE_DIR", store.path_str()),
+        ])
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_bounded(&mut child, RUN_TIMEOUT).expect("the CGI run ends");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}; stderr:\n{stderr}");
+    assert!(stderr.contains("cannot write the response"), "{stderr}");
+    assert_eq!(bot.received(), [(state.as_str(), code.as_str())]);
+}
+
+/// Started with stdin, stdout and stderr closed (as a careless daemon
+/// might), the program must not let the replay store's files take those
+/// numbers: the answer would be written into its table. The table still
+/// answers the same code afterwards, without the bot.
+#[test]
+fn closed_standard_streams_never_become_the_stores_files() {
+    let bot = Bot::start("json", "approve");
+    let store = private_dir("closedfds");
+    let (code, state) = (new_code(), new_state());
+    let q = query(&code, &state);
+    let env = [
+        ("REQUEST_METHOD", "GET"),
+        ("QUERY_STRING", q.as_str()),
+        ("REGISTER_BOT_ADDR", bot.addr()),
+        ("REGISTER_STATE_DIR", store.path_str()),
+    ];
+    let mut child = Command::new("/bin/sh")
+        .args(["-c", "exec \"$0\" <&- >&- 2>&-"])
+        .arg(bin())
+        .env_clear()
+        .envs(env)
+        .spawn()
+        .unwrap();
+    let status = wait_bounded(&mut child, RUN_TIMEOUT).expect("the CGI run ends");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_eq!(bot.received(), [(state.as_str(), code.as_str())]);
+    let (again, _) = cgi_get(&env[2..], &q);
+    assert_answer_page(&again, true, APPROVED);
+    assert_eq!(bot.received().len(), 1, "a repeat must not reach the bot");
+    let names: Vec<_> = std::fs::read_dir(store.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["replay.table"], "{names:?}");
 }

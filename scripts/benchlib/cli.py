@@ -3,6 +3,7 @@
 import argparse
 import datetime
 import json
+import os
 import shutil
 import sys
 import time
@@ -37,7 +38,13 @@ def parse_args(argv, usage=None):
                    help="check the targets against the loads and render a report from made-up "
                         "figures; runs nothing")
     p.add_argument("--no-build", action="store_true", help="use the binaries already built")
-    p.add_argument("--relay-bin", type=Path, help="benchmark this tourney-register binary instead")
+    p.add_argument("--relay-bin", type=Path,
+                   help="benchmark this tourney-register binary instead of scripts/build-release's")
+    p.add_argument("--baseline-bin", type=Path, metavar="PATH",
+                   help="also run every relay part (all but static, which runs once and is added "
+                        "to --only when a load runs) for this older build, back to back with the "
+                        "current one, and report the two side by side (scripts/build-baseline REV "
+                        "builds one)")
     p.add_argument("--state-dir", type=Path,
                    help="parent directory for the replay stores [/dev/shm when it is a tmpfs, "
                         "else target/bench/run]; the *-disk loads put theirs in target/bench/run")
@@ -60,8 +67,16 @@ def parse_args(argv, usage=None):
             p.error(f"--relay-env {item!r}: use NAME=VALUE")
         env[name] = value
     args.relay_env = env
+    for name in ("relay_bin", "baseline_bin"):
+        path = getattr(args, name)
+        if path is not None and not (path.is_file() and os.access(path, os.X_OK)):
+            p.error(f"--{name.replace('_', '-')} {path}: not an executable file")
     if args.only - set(PARTS):
         p.error(f"--only: unknown {', '.join(sorted(args.only - set(PARTS)))}")
+    if args.baseline_bin and any(PARTS[part][0] for part in args.only):
+        # The two builds' loads are read against the limit measured in the
+        # same run.
+        args.only.add("static")
     if args.quick:
         args.duration, args.warmup, args.cgi_runs, args.spawn_runs = 3, 1, 100, 2
     for name in ("duration", "conns", "burst_conns", "threads", "cgi_runs", "spawn_runs",
@@ -161,6 +176,10 @@ def main(argv, usage=None):
            "args": {k: str(v) for k, v in vars(args).items()}, "phases": list(bench.phases.values()),
            "results": bench.results,
            "targets": [{"target": n, "figure": f, "met": ok} for n, f, ok in rows]}
+    if bench.baseline:
+        raw["baseline"] = {"bin": str(args.baseline_bin),
+                           "phases": list(bench.baseline.phases.values()),
+                           "results": bench.baseline.results}
     args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
     log(f"written to {args.out} (raw figures in {args.out.with_suffix('.json')})")
     failed = [name for name, ok, _ in bench.checks if not ok]

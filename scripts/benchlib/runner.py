@@ -1,11 +1,18 @@
 """Runs the loads, the CGI runs and the fresh-spawn runs, and records what
 each measured: Bench.phases (one record per load, keyed by its Phase),
-Bench.results and Bench.checks. Judging the figures is the targets' job."""
+Bench.results and Bench.checks. Judging the figures is the targets' job.
+
+With --baseline-bin every relay part runs twice, once for each build, back
+to back in the same run (the CGI runs and the fresh starts alternate run by
+run): the baseline's records go to Bench.baseline.phases and
+Bench.baseline.results, next to the current build's, and only the current
+build is judged by the targets."""
 
 import http.client
 import os
 import shutil
 import statistics
+import subprocess
 import time
 
 from . import syscalls
@@ -16,22 +23,61 @@ from .services import (CODE_PAD, RUN_TAG, STATE, WRK_LUA, Apache, Bot, count_acc
                        count_outcomes, settle, timed_get, wrk)
 
 
+class Build:
+    """One relay binary a run measures, and what each of its parts measured."""
+
+    def __init__(self, name, relay_bin):
+        self.name = name  # "current" or "baseline"
+        self.relay_bin = relay_bin  # the snapshot the run uses
+        self.phases = {}  # Phase -> what its load measured, in run order
+        self.results = {}
+
+    @property
+    def suffix(self):
+        """Appended to what a run names after the build (instances, code
+        prefixes, files): nothing for the current build."""
+        return "" if self.name == "current" else f"-{self.name}"
+
+    @property
+    def label(self):
+        """Appended to a load's name in the report and the code checks."""
+        return "" if self.name == "current" else f", {self.name}"
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
         self.out_dir = REPO / "target" / "bench"
         self.rundir = self.out_dir / "run"
-        self.results = {}
-        self.phases = {}  # Phase -> what its load measured, in run order
+        self.current = Build("current", None)
+        # The current build's records: what the targets and the report read.
+        self.results = self.current.results
+        self.phases = self.current.phases
+        self.baseline = None  # a Build when --baseline-bin is given
         self.checks = []
         self.state_dirs = []
+        # Which build runs first in the next relay part: it alternates, so
+        # what drifts during a run (TIME_WAIT sockets, other people's
+        # work) does not always favour the same build.
+        self._baseline_first = False
+
+    def builds(self):
+        """The builds to run a relay part for, in this part's order."""
+        if not self.baseline:
+            return [self.current]
+        pair = [self.baseline, self.current] if self._baseline_first else [self.current, self.baseline]
+        self._baseline_first = not self._baseline_first
+        return pair
 
     # -- setup
     def build(self):
         if not self.args.no_build:
             log("building release binaries")
-            run(["cargo", "build", "--release", "--quiet", "--bin", "tourney-register",
-                 "--example", "bench_bot"], cwd=REPO, timeout=1800)
+            # The relay as it ships (linked statically on glibc Linux).
+            run([str(REPO / "scripts" / "build-release"), "--quiet"], cwd=REPO, timeout=1800,
+                stdout=subprocess.DEVNULL)
+            run(["cargo", "build", "--release", "--quiet", "--example", "bench_bot"], cwd=REPO,
+                timeout=1800)
         if self.rundir.exists():
             # Left by an interrupted run (a finished one removes its stores).
             shutil.rmtree(self.rundir)
@@ -43,21 +89,30 @@ class Bench:
         # Snapshots: a rebuild by someone else mid-run changes nothing here.
         self.relay_bin = self.rundir / "bin" / "tourney-register"
         self.bot_bin = self.rundir / "bin" / "bench_bot"
-        shutil.copy2(self.args.relay_bin or REPO / "target" / "release" / "tourney-register",
+        shutil.copy2(self.args.relay_bin or REPO / "target" / "dist" / "tourney-register",
                      self.relay_bin)
+        self.current.relay_bin = self.relay_bin
+        if self.args.baseline_bin:
+            # In a directory of its own: Apache's process groups are told
+            # apart by their executable's path.
+            (self.rundir / "bin" / "baseline").mkdir(mode=0o755)
+            self.baseline = Build("baseline", self.rundir / "bin" / "baseline" / "tourney-register")
+            shutil.copy2(self.args.baseline_bin, self.baseline.relay_bin)
         shutil.copy2(REPO / "target" / "release" / "examples" / "bench_bot", self.bot_bin)
         self.lua = self.rundir / "codes.lua"
         self.lua.write_text(WRK_LUA)
         self.bot_port = free_port()
 
-    def instance(self, mode, name, state_parent=None, bot_unix=False):
+    def instance(self, mode, name, state_parent=None, bot_unix=False, build=None):
+        build = build or self.current
+        name += build.suffix
         d = self.rundir / name
         state_parent = state_parent or self.args.state_dir
         state = (state_parent / f"tourney-register-bench-{name}") if state_parent else d / "state"
         # A store left by an interrupted run would replay its answers.
         shutil.rmtree(state, ignore_errors=True)
         self.state_dirs.append(state)
-        return Apache(d, free_port(), mode, self.relay_bin, self.bot_port, state,
+        return Apache(d, free_port(), mode, build.relay_bin, self.bot_port, state,
                       relay_env=self.args.relay_env,
                       bot_unix=self.rundir / "bot.sock" if bot_unix else None)
 
@@ -84,12 +139,14 @@ class Bench:
         return "/bench-static.html"
 
     # -- one load
-    def load(self, phase, apache, path, delay_ms, conns, duration, warmup=0, relay_pid=None):
+    def load(self, phase, apache, path, delay_ms, conns, duration, warmup=0, relay_pid=None,
+             build=None):
         # Only the loads phases.PARTS declares for the parts asked for: what
         # the targets were checked against at start.
         if phase not in phases_of(self.args.only):
             raise ValueError(f"load {phase!r} is not in phases.PARTS for --only {sorted(self.args.only)}")
-        name = phase.value
+        build = build or self.current
+        name = phase.value + build.label
         a = self.args
         dynamic = path.startswith("/register")
         bot = (Bot(self.bot_bin, self.bot_port, delay_ms, self.rundir, unix=apache.bot_unix)
@@ -161,7 +218,7 @@ class Bench:
                                 f"({summary.get('distinct')} distinct, {summary.get('duplicates')} duplicates), "
                                 f"Apache answered 200 {access_ok} times, relay logged approved {approved}, "
                                 f"wrk counted {w['ok']} ({in_flight} in flight at its deadline)"))
-        self.phases[phase] = record
+        build.phases[phase] = record
         return record
 
     def relay_rss(self, apache, relay_pid=None):
@@ -174,44 +231,30 @@ class Bench:
     # -- the whole comparison
     def loads(self):
         a, only = self.args, self.args.only
-        if only & {"static", "fcgid", "fcgid-burst"}:
-            # Static and mod_fcgid share one Apache (the static file next to the relay).
-            fcgid = self.instance("fcgid", "fcgid").start()
-            bot = Bot(self.bot_bin, self.bot_port, 0, self.rundir)
-            static_path = self.success_page(fcgid)
-            bot.stop()
-            if "static" in only:
-                self.load(Phase.STATIC, fcgid, static_path, 0, a.conns, a.duration)
-            if "fcgid" in only:
-                self.load(Phase.FCGID_INSTANT, fcgid, "/register", 0, a.conns, a.duration,
-                          warmup=a.warmup)
-                self.results.setdefault("fcgid_rss", {})["instant"] = self.relay_rss(fcgid)
-            fcgid.stop()
-            if "fcgid-burst" in only:
-                # From cold: mod_fcgid has to spawn its processes meanwhile.
-                fcgid.start()
-                self.load(Phase.FCGID_BURST_COLD, fcgid, "/register", a.delay_ms, a.burst_conns,
-                          a.duration)
-                self.load(Phase.FCGID_BURST_WARM, fcgid, "/register", a.delay_ms, a.burst_conns,
-                          a.duration)
-                self.results.setdefault("fcgid_rss", {})["burst"] = self.relay_rss(fcgid)
-            self.finished(fcgid)
+        if only & {"fcgid", "fcgid-burst"}:
+            for build in self.builds():
+                self.fcgid_loads(build)
+        elif "static" in only:
+            self.fcgid_loads(self.current)
         if "proxy" in only:
-            proxy = self.instance("proxy", "proxy").start()
-            self.load(Phase.PROXY_INSTANT, proxy, "/register", 0, a.conns, a.duration,
-                      warmup=a.warmup, relay_pid=proxy.relay_pid())
-            self.results.setdefault("proxy_rss", {})["instant"] = self.relay_rss(
-                proxy, proxy.relay_pid())
-            self.finished(proxy)
+            for build in self.builds():
+                # mod_proxy_fcgi to a --listen relay.
+                proxy = self.instance("proxy", "proxy", build=build).start()
+                self.load(Phase.PROXY_INSTANT, proxy, "/register", 0, a.conns, a.duration,
+                          warmup=a.warmup, relay_pid=proxy.relay_pid(), build=build)
+                build.results.setdefault("proxy_rss", {})["instant"] = self.relay_rss(
+                    proxy, proxy.relay_pid())
+                self.finished(proxy)
         for mode in MODES:
             if f"{mode}-unixbot" not in only:
                 continue
             # The same load with the bot on a Unix socket: what the relay's
             # loopback TCP exchange with the bot costs (BENCHMARKS.md).
-            inst = self.instance(mode, f"{mode}-unixbot", bot_unix=True).start()
-            self.load(UNIXBOT[mode], inst, "/register", 0, a.conns,
-                      a.duration, warmup=a.warmup, relay_pid=inst.relay_pid())
-            self.finished(inst)
+            for build in self.builds():
+                inst = self.instance(mode, f"{mode}-unixbot", bot_unix=True, build=build).start()
+                self.load(UNIXBOT[mode], inst, "/register", 0, a.conns,
+                          a.duration, warmup=a.warmup, relay_pid=inst.relay_pid(), build=build)
+                self.finished(inst)
         for mode in MODES:
             if f"{mode}-disk" not in only:
                 continue
@@ -220,21 +263,51 @@ class Bench:
             # The same load with the replay store on the disk, as in
             # /var/lib: on some file systems creating a file per code is
             # most of the relay's cost (BENCHMARKS.md).
-            inst = self.instance(mode, f"{mode}-disk", state_parent=self.rundir / "disk").start()
-            self.load(DISK[mode], inst, "/register", 0, a.conns,
-                      a.duration, warmup=a.warmup, relay_pid=inst.relay_pid())
-            self.finished(inst)
+            for build in self.builds():
+                inst = self.instance(mode, f"{mode}-disk", state_parent=self.rundir / "disk",
+                                     build=build).start()
+                self.load(DISK[mode], inst, "/register", 0, a.conns,
+                          a.duration, warmup=a.warmup, relay_pid=inst.relay_pid(), build=build)
+                self.finished(inst)
         if "proxy-burst" in only:
-            # From cold too: the relay's threads start as they are needed.
-            proxy = self.instance("proxy", "proxy-burst").start()
-            self.load(Phase.PROXY_BURST_COLD, proxy, "/register", a.delay_ms, a.burst_conns,
-                      a.duration, relay_pid=proxy.relay_pid())
-            self.results.setdefault("proxy_rss", {})["burst"] = self.relay_rss(
-                proxy, proxy.relay_pid())
-            self.finished(proxy)
+            for build in self.builds():
+                # From cold too: the relay's threads start as they are needed.
+                proxy = self.instance("proxy", "proxy-burst", build=build).start()
+                self.load(Phase.PROXY_BURST_COLD, proxy, "/register", a.delay_ms, a.burst_conns,
+                          a.duration, relay_pid=proxy.relay_pid(), build=build)
+                build.results.setdefault("proxy_rss", {})["burst"] = self.relay_rss(
+                    proxy, proxy.relay_pid())
+                self.finished(proxy)
+
+    def fcgid_loads(self, build):
+        """Static (once, the current build's Apache) and the mod_fcgid loads."""
+        a, only = self.args, self.args.only
+        # Static and mod_fcgid share one Apache (the static file next to the relay).
+        fcgid = self.instance("fcgid", "fcgid", build=build).start()
+        if build is self.current:
+            bot = Bot(self.bot_bin, self.bot_port, 0, self.rundir)
+            static_path = self.success_page(fcgid)
+            bot.stop()
+            if "static" in only:
+                self.load(Phase.STATIC, fcgid, static_path, 0, a.conns, a.duration)
+        if "fcgid" in only:
+            self.load(Phase.FCGID_INSTANT, fcgid, "/register", 0, a.conns, a.duration,
+                      warmup=a.warmup, build=build)
+            build.results.setdefault("fcgid_rss", {})["instant"] = self.relay_rss(fcgid)
+        fcgid.stop()
+        if "fcgid-burst" in only:
+            # From cold: mod_fcgid has to spawn its processes meanwhile.
+            fcgid.start()
+            self.load(Phase.FCGID_BURST_COLD, fcgid, "/register", a.delay_ms, a.burst_conns,
+                      a.duration, build=build)
+            self.load(Phase.FCGID_BURST_WARM, fcgid, "/register", a.delay_ms, a.burst_conns,
+                      a.duration, build=build)
+            build.results.setdefault("fcgid_rss", {})["burst"] = self.relay_rss(fcgid)
+        self.finished(fcgid)
 
     def cgi(self):
-        """Whole-process wall time of one CGI request, next to /bin/true."""
+        """Whole-process wall time of one CGI request, next to /bin/true;
+        with a baseline, its request too, in the same rounds."""
         a = self.args
         bot = Bot(self.bot_bin, self.bot_port, 0, self.rundir)
         state = (self.args.state_dir / "tourney-register-bench-cgi") if self.args.state_dir else self.rundir / "cgi-state"
@@ -252,38 +325,63 @@ class Bench:
         actions = [(os.POSIX_SPAWN_DUP2, devnull, 0), (os.POSIX_SPAWN_DUP2, devnull, 1),
                    (os.POSIX_SPAWN_DUP2, devnull, 2)]
         true_bin = shutil.which("true") or "/bin/true"
-        times = {"true": [], "cgi": []}
+        builds = [self.current] + ([self.baseline] if self.baseline else [])
+        times = {"true": [], **{b.name: [] for b in builds}}
+        faults = {name: [] for name in times}
 
         def once(path, argv, env):
             t = time.perf_counter_ns()
             pid = os.posix_spawn(path, argv, env, file_actions=actions)
-            _, status = os.waitpid(pid, 0)
+            _, status, usage = os.wait4(pid, 0)
             dt = time.perf_counter_ns() - t
             if os.waitstatus_to_exitcode(status) != 0:
                 die(f"{argv[0]} exited {status}")
-            return dt
+            return dt, usage.ru_minflt + usage.ru_majflt
 
-        log(f"CGI: {a.cgi_runs} runs each of /bin/true and one CGI request, interleaved")
+        log(f"CGI: {a.cgi_runs} runs each of /bin/true and one CGI request"
+            f"{' of each build' if self.baseline else ''}, interleaved")
+        contenders = [None, *builds]  # None: /bin/true
         for i in range(a.cgi_warmup + a.cgi_runs):
-            env = dict(base_env, QUERY_STRING=f"code={CODE_PAD}{RUN_TAG}-cgi-{i}&state={STATE}")
-            t_true = once(true_bin, [true_bin], base_env)
-            t_cgi = once(str(self.relay_bin), [str(self.relay_bin)], env)
+            # Each round runs /bin/true and every build once, in an order
+            # that rotates round by round: a process pays for what the one
+            # before it left behind (its exit, the caches), and by as much as
+            # a build's whole difference to /bin/true.
+            k = i % len(contenders)
+            round_times = {}
+            for build in contenders[k:] + contenders[:k]:
+                if build is None:
+                    round_times["true"] = once(true_bin, [true_bin], base_env)
+                    continue
+                env = dict(base_env,
+                           QUERY_STRING=f"code={CODE_PAD}{RUN_TAG}-cgi{build.suffix}-{i}&state={STATE}")
+                round_times[build.name] = once(str(build.relay_bin), [str(build.relay_bin)], env)
             if i >= a.cgi_warmup:
-                times["true"].append(t_true)
-                times["cgi"].append(t_cgi)
+                for name, (dt, flt) in round_times.items():
+                    times[name].append(dt)
+                    faults[name].append(flt)
         os.close(devnull)
+        # Once more each under strace: what a request asks of the kernel.
+        calls = {"true": syscalls.whole_process([true_bin], base_env, self.rundir, "true")}
+        for build in builds:
+            env = dict(base_env,
+                       QUERY_STRING=f"code={CODE_PAD}{RUN_TAG}-cgi{build.suffix}-strace&state={STATE}")
+            calls[build.name] = syscalls.whole_process([str(build.relay_bin)], env, self.rundir,
+                                                       f"cgi-{build.name}")
         summary = bot.stop()
-        runs = a.cgi_warmup + a.cgi_runs
+        runs = (a.cgi_warmup + a.cgi_runs + 1) * len(builds)
         ok = summary.get("received") == runs and summary.get("duplicates") == 0
         self.checks.append(("cgi", ok, f"bot received {summary.get('received')} codes for {runs} CGI runs"))
 
-        def stats(xs):
-            xs = sorted(xs)
+        def stats(name):
+            xs = sorted(times[name])
             return {"median_us": statistics.median(xs) / 1000,
                     "p90_us": xs[int(len(xs) * 0.9)] / 1000,
-                    "mean_us": statistics.fmean(xs) / 1000}
-        self.results["cgi"] = {"true": stats(times["true"]), "cgi": stats(times["cgi"]),
-                               "runs": a.cgi_runs}
+                    "mean_us": statistics.fmean(xs) / 1000,
+                    "page_faults": statistics.median(faults[name]),
+                    "syscalls": calls[name]}
+        for build in builds:
+            build.results["cgi"] = {"true": stats("true"), "cgi": stats(build.name),
+                                    "runs": a.cgi_runs}
 
     def syscalls(self):
         """System calls per request under strace, fd-0 and --listen, first
@@ -291,37 +389,46 @@ class Bench:
         a = self.args
         bot = Bot(self.bot_bin, self.bot_port, 0, self.rundir)
         parent = a.state_dir or self.rundir
-        out = {}
         for mode in MODES:
-            state = parent / f"tourney-register-bench-syscalls-{mode}"
-            self.state_dirs.append(state)
-            out[mode] = syscalls.measure(self.relay_bin, mode, self.rundir, self.bot_port, state,
-                                         f"{CODE_PAD}{RUN_TAG}-sys", STATE, a.syscall_requests)
+            for build in self.builds():
+                state = parent / f"tourney-register-bench-syscalls-{mode}{build.suffix}"
+                self.state_dirs.append(state)
+                build.results.setdefault("syscalls", {"requests": a.syscall_requests})[mode] = (
+                    syscalls.measure(build.relay_bin, mode, self.rundir, self.bot_port, state,
+                                     f"{CODE_PAD}{RUN_TAG}-sys{build.suffix}", STATE,
+                                     a.syscall_requests, name=build.name))
         bot.stop()
-        self.results["syscalls"] = {"requests": a.syscall_requests, **out}
 
     def spawn(self):
         """First answer after a fresh Apache start: a static file's, then
-        /register's (which makes mod_fcgid spawn the first relay process)."""
+        /register's (which makes mod_fcgid start the first relay process);
+        with a baseline, its Apache's starts alternate with the current's."""
         a = self.args
         bot = Bot(self.bot_bin, self.bot_port, 0, self.rundir)
-        fcgid = self.instance("fcgid", "spawn")
-        static_t, spawn_t, second_t = [], [], []
-        log(f"spawn: {a.spawn_runs} fresh Apache starts")
+        builds = [self.current] + ([self.baseline] if self.baseline else [])
+        instances = {b.name: self.instance("fcgid", "spawn", build=b) for b in builds}
+        times = {b.name: ([], [], []) for b in builds}
+        log(f"spawn: {a.spawn_runs} fresh Apache starts" + (" per build" if self.baseline else ""))
         for i in range(a.spawn_runs):
-            fcgid.start()
-            (fcgid.dir / "htdocs" / "bench-static.html").write_bytes(
-                b"x" * self.results.get("page_bytes", 1837))
-            static_t.append(timed_get(fcgid.port, f"/bench-static.html?i={i}"))
-            spawn_t.append(timed_get(fcgid.port, f"/register?code={CODE_PAD}{RUN_TAG}-spawn-{i}&state={STATE}"))
-            second_t.append(timed_get(fcgid.port, f"/register?code={CODE_PAD}{RUN_TAG}-spawn2-{i}&state={STATE}"))
-            fcgid.stop()
+            for build in (builds if i % 2 == 0 else builds[::-1]):
+                fcgid = instances[build.name]
+                static_t, spawn_t, second_t = times[build.name]
+                code = f"{CODE_PAD}{RUN_TAG}{build.suffix}"
+                fcgid.start()
+                (fcgid.dir / "htdocs" / "bench-static.html").write_bytes(
+                    b"x" * self.results.get("page_bytes", 1837))
+                static_t.append(timed_get(fcgid.port, f"/bench-static.html?i={i}"))
+                spawn_t.append(timed_get(fcgid.port, f"/register?code={code}-spawn-{i}&state={STATE}"))
+                second_t.append(timed_get(fcgid.port, f"/register?code={code}-spawn2-{i}&state={STATE}"))
+                fcgid.stop()
         bot.stop()
-        self.results["spawn"] = {
-            "static_first_ms": statistics.median(static_t) * 1000,
-            "spawn_first_ms": statistics.median(spawn_t) * 1000,
-            "second_ms": statistics.median(second_t) * 1000,
-            "runs": a.spawn_runs,
-            "all_static_ms": [round(x * 1000, 2) for x in static_t],
-            "all_spawn_ms": [round(x * 1000, 2) for x in spawn_t],
-        }
+        for build in builds:
+            static_t, spawn_t, second_t = times[build.name]
+            build.results["spawn"] = {
+                "static_first_ms": statistics.median(static_t) * 1000,
+                "spawn_first_ms": statistics.median(spawn_t) * 1000,
+                "second_ms": statistics.median(second_t) * 1000,
+                "runs": a.spawn_runs,
+                "all_static_ms": [round(x * 1000, 2) for x in static_t],
+                "all_spawn_ms": [round(x * 1000, 2) for x in spawn_t],
+            }

@@ -136,9 +136,9 @@ def _per_request(after, before, n):
             if after[k] != before[k]}
 
 
-def measure(relay_bin, mode, rundir, bot_port, state_dir, code_prefix, state, n):
+def measure(relay_bin, mode, rundir, bot_port, state_dir, code_prefix, state, n, name="current"):
     """Calls per request for a first delivery and a replay in `mode`
-    ("fcgid": fd 0; "proxy": --listen)."""
+    ("fcgid": fd 0; "proxy": --listen); `name` tells the builds' traces apart."""
     env = {"PATH": "/usr/bin:/bin", "REGISTER_BOT_ADDR": f"127.0.0.1:{bot_port}",
            "REGISTER_STATE_DIR": str(state_dir)}
     warm = [f"code={code_prefix}-{mode}-w{i}&state={state}" for i in range(WARMUP)]
@@ -148,7 +148,7 @@ def measure(relay_bin, mode, rundir, bot_port, state_dir, code_prefix, state, n)
         # Each run starts from an empty store: the first N are first deliveries.
         shutil.rmtree(state_dir, ignore_errors=True)
         code_run = [q.replace(code_prefix, f"{code_prefix}r{i}") for q in queries]
-        runs.append(_count(_trace(relay_bin, mode, env, rundir, f"sys-{mode}-{i}", code_run),
+        runs.append(_count(_trace(relay_bin, mode, env, rundir, f"sys-{name}-{mode}-{i}", code_run),
                            state_dir, bot_port))
     out = {}
     for key, (a, b) in (("first", (runs[1], runs[0])), ("replay", (runs[2], runs[1]))):
@@ -156,6 +156,21 @@ def measure(relay_bin, mode, rundir, bot_port, state_dir, code_prefix, state, n)
         out[key] = {"total": round(sum(total.values()), 2), "calls": total,
                     "store": _per_request(a[1], b[1], n), "bot": _per_request(a[2], b[2], n)}
         out[key]["store_total"] = round(sum(out[key]["store"].values()), 2)
-    log(f"syscalls {mode}: {out['first']['total']} per first delivery, "
+    log(f"syscalls {mode}, {name}: {out['first']['total']} per first delivery, "
         f"{out['replay']['total']} per replay")
     return out
+
+
+def whole_process(argv, env, rundir, name):
+    """Every system call of one whole process (a CGI request, /bin/true),
+    by name, from exec to exit, stdin and stdout on /dev/null."""
+    trace = rundir / f"sys-whole-{name}.strace"
+    with open(os.devnull, "r+b") as null:
+        subprocess.run(["strace", "-f", "-qq", "-s", "0", "-o", str(trace), *argv], env=env,
+                       stdin=null, stdout=null, stderr=null, check=True, timeout=60)
+    calls = Counter()
+    for line in read(trace).splitlines():
+        m = CALL.match(line)
+        if m:
+            calls[m.group(1)] += 1
+    return {"total": sum(calls.values()), "calls": dict(calls.most_common())}
