@@ -17,6 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::cgi::find;
+use super::process::bin;
 use super::ports::free_port;
 use super::process::read_text;
 
@@ -151,7 +152,7 @@ impl Apache {
             .arg(&dir)
             .args(["--mode", mode.name(), "--port", &port.to_string()])
             .arg("--bin")
-            .arg(env!("CARGO_BIN_EXE_tourney-register"))
+            .arg(bin())
             .args(options)
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .stdin(Stdio::null())
