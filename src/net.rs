@@ -5,6 +5,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -129,7 +130,8 @@ impl Listener {
     }
 
     /// Binds `HOST:PORT` or `unix:/path`. A stale socket file left by a
-    /// crash is replaced; a live one (something answers) is not.
+    /// crash is replaced; a live one (something answers) is not, nor is
+    /// anything that is not a socket (a mistyped path must not cost a file).
     pub fn bind(spec: &str) -> io::Result<Listener> {
         if let Some(path) = spec.strip_prefix("unix:") {
             let path = PathBuf::from(path);
@@ -139,7 +141,18 @@ impl Listener {
                     "another process is listening there",
                 ));
             }
-            let _ = std::fs::remove_file(&path);
+            match std::fs::symlink_metadata(&path) {
+                Ok(meta) if meta.file_type().is_socket() => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        "the path exists and is not a socket; not removing it",
+                    ));
+                }
+                Err(_) => {}
+            }
             let listener = UnixListener::bind(&path)?;
             return Ok(Listener::Unix(listener, Some(path)));
         }
@@ -198,7 +211,10 @@ impl AsRawFd for Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, Some(path)) = self {
+        // Only a socket: whatever else someone put there since is theirs.
+        if let Listener::Unix(_, Some(path)) = self
+            && std::fs::symlink_metadata(&*path).is_ok_and(|m| m.file_type().is_socket())
+        {
             let _ = std::fs::remove_file(path);
         }
     }

@@ -949,3 +949,23 @@ fn sigterm_stops_idle_servers_with_status_0() {
     }
     assert_eq!(bot.received().len(), ALL_KINDS.len());
 }
+
+/// `--listen unix:PATH` replaces a stale socket, never anything else: a
+/// mistyped path must not cost a file, now or when the relay stops.
+#[test]
+fn listen_on_a_path_that_is_not_a_socket_refuses_and_keeps_the_file() {
+    let dir = TempDir::new("notsock");
+    let file = dir.join("precious.txt");
+    std::fs::write(&file, "precious").unwrap();
+    let spec = format!("unix:{}", file.display());
+    let (out, killed) = run_bin(
+        &["--listen", &spec],
+        &[("REGISTER_STATE_DIR", dir.join("st").to_str().unwrap())],
+        RUN_TIMEOUT,
+    );
+    assert!(!killed, "still running with a file at its socket path");
+    assert!(!out.status.success(), "started over a regular file");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+}

@@ -81,6 +81,7 @@ const STOP_BOUND: Duration = Duration::from_secs(4);
 fn sigterm_mid_request(
     server: &mut Server,
     bot: &Bot,
+    sig: &str,
     after_signal: impl FnOnce(&Server),
 ) -> (FcgiReply, Duration) {
     let q = query("stop-code");
@@ -90,13 +91,13 @@ fn sigterm_mid_request(
         let got = bot.wait_received(1, Duration::from_secs(5));
         assert_eq!(got.len(), 1, "the request never reached the bot");
         let signalled = Instant::now();
-        server_ref.signal("TERM");
+        server_ref.signal(sig);
         after_signal(server_ref);
         (pending.join().unwrap(), signalled)
     });
     let status = server.wait_within(STOP_BOUND).unwrap_or_else(|| {
         panic!(
-            "no exit within {STOP_BOUND:?} of SIGTERM; stderr:\n{}",
+            "no exit within {STOP_BOUND:?} of SIG{sig}; stderr:\n{}",
             server.stderr_text()
         )
     });
@@ -114,7 +115,7 @@ fn sigterm_during_a_slow_reply_fd0_answers_then_exits_0() {
         ("REGISTER_BOT_ADDR", bot.addr()),
         ("REGISTER_STATE_DIR", store.path_str()),
     ]);
-    let (reply, took) = sigterm_mid_request(&mut server, &bot, |server| {
+    let (reply, took) = sigterm_mid_request(&mut server, &bot, "TERM", |server| {
         // A request that comes after the stop is not taken on: the kernel
         // may queue the connection, but it is closed unanswered.
         let late = try_get(server, 1, &query("late-code"), false);
@@ -129,7 +130,7 @@ fn sigterm_during_a_slow_reply_fd0_answers_then_exits_0() {
     assert_eq!(codes(&bot), ["stop-code"]);
 }
 
-fn sigterm_during_a_slow_reply_listen(kind: &str) {
+fn sigterm_during_a_slow_reply_listen(kind: &str, sig: &str) {
     let store = private_dir("st");
     let bot = Bot::start_with("json", "slow", &["--delay", "1"]);
     let mut server = ListenServer::start(
@@ -139,7 +140,7 @@ fn sigterm_during_a_slow_reply_listen(kind: &str) {
             ("REGISTER_STATE_DIR", store.path_str()),
         ],
     );
-    let (reply, took) = sigterm_mid_request(&mut server, &bot, |server| {
+    let (reply, took) = sigterm_mid_request(&mut server, &bot, sig, |server| {
         // The listener goes at once, while the request is still in flight.
         let refused = wait_until(Duration::from_millis(800), || {
             let gone = match server.endpoint() {
@@ -158,12 +159,19 @@ fn sigterm_during_a_slow_reply_listen(kind: &str) {
 
 #[test]
 fn sigterm_during_a_slow_reply_listen_unix_answers_then_exits_0() {
-    sigterm_during_a_slow_reply_listen("unix");
+    sigterm_during_a_slow_reply_listen("unix", "TERM");
 }
 
 #[test]
 fn sigterm_during_a_slow_reply_listen_tcp_answers_then_exits_0() {
-    sigterm_during_a_slow_reply_listen("tcp");
+    sigterm_during_a_slow_reply_listen("tcp", "TERM");
+}
+
+/// SIGHUP (a closed terminal, an operator expecting a reload) stops as
+/// gracefully: its default would end the process with the answer unsent.
+#[test]
+fn sighup_during_a_slow_reply_listen_answers_then_exits_0() {
+    sigterm_during_a_slow_reply_listen("unix", "HUP");
 }
 
 /// mod_fcgid keeps its connection to an fd-0 process open between

@@ -14,8 +14,10 @@ use log::warn;
 use crate::net::{Listener, Stream};
 use crate::sys;
 
-/// Signals that ask for a graceful stop.
-const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1];
+/// Signals that ask for a graceful stop. SIGHUP too: its default would
+/// end the process on the spot with requests in flight (a closed terminal,
+/// an operator expecting a reload).
+const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGHUP];
 
 /// The stop signals, watched from the moment it is installed.
 pub struct StopSignal {

@@ -17,8 +17,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::cgi::find;
-use super::process::bin;
 use super::ports::free_port;
+use super::process::bin;
 use super::process::read_text;
 
 /// How long Apache may take to answer its first request.
