@@ -10,7 +10,7 @@ use crate::config::Config;
 pub struct Limits {
     /// Concurrent connections with `--listen` (`REGISTER_MAX_CONNS`),
     /// also reported as `FCGI_MAX_CONNS` and `FCGI_MAX_REQS`. Enforced by
-    /// [`crate::server::pool`]: past it a connection is answered
+    /// [`crate::event`]: past it a connection is answered
     /// "overloaded".
     pub max_conns: usize,
     /// Total PARAMS payload of one request; past it the request is
@@ -33,14 +33,14 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Connections being turned away at once, past [`Limits::max_conns`];
     /// past both, a connection is closed unanswered. Enforced by
-    /// [`crate::server::pool`].
+    /// [`crate::event`].
     pub max_turning_away: usize,
     /// How long a turned-away connection may take to send its first
-    /// record header. Enforced by [`crate::server::pool`].
+    /// record header. Enforced by [`crate::event`].
     pub turn_away_timeout: Duration,
     /// How long a stop waits for requests in flight: a full retry window
     /// and a full exchange with the bot, plus a margin for writing the
-    /// answer. Enforced by [`crate::server::pool`].
+    /// answer. Enforced by [`crate::event`].
     pub stop_grace: Duration,
 }
 

@@ -189,11 +189,8 @@ fn serve_concurrently(
     limits: &Limits,
     status: Arc<Status>,
 ) -> std::io::Result<()> {
-    // Few arenas: the pipeline allocates little, and each connection
-    // thread's own arena would hold on to its memory.
-    sys::limit_malloc_arenas(2);
     relay.start_housekeeping();
-    server::serve_pool(Arc::new(relay), listener, limits, status)
+    server::serve_events(&relay, listener, limits, status)
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Mode>, String> {
