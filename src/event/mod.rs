@@ -47,7 +47,7 @@ use crate::replay::{BUSY_PAUSE, BUSY_PAUSE_MAX, Delivery, Ticket, Undelivered};
 use crate::server::Status;
 use crate::server::counter::Registration;
 use crate::server::stop::StopSignal;
-use crate::systemd;
+use crate::{sys, systemd};
 pub use exchange::{Exchange, Progress};
 use socket::{BotDialer, Sock};
 pub use timer::Timers;
@@ -79,6 +79,36 @@ const STOP_IDLE: Duration = Duration::from_secs(1);
 const STOP_CHECK: Duration = Duration::from_millis(20);
 /// First pause after a failed accept; doubles up to a second.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(10);
+
+/// Raises this process's soft limit on open descriptors (up to the hard
+/// limit) to what serving at `limits` may hold — a service starts with
+/// 1024 — and lowers the connection cap, with a warning, when even the
+/// hard limit is too low for it.
+pub fn fit_descriptor_limit(limits: Limits) -> Limits {
+    let wanted = limits.descriptors();
+    let (soft, hard) = match sys::open_files_limit() {
+        Ok(found) => found,
+        Err(e) => {
+            warn!("cannot read the limit on open files: {e}");
+            return limits;
+        }
+    };
+    let mut got = soft;
+    if soft < wanted {
+        match sys::set_open_files_limit(wanted) {
+            Ok(()) => got = wanted.min(hard),
+            Err(e) => warn!("cannot raise the limit on open files from {soft}: {e}"),
+        }
+    }
+    let fitted = limits.within_descriptors(got);
+    if fitted.max_conns < limits.max_conns {
+        warn!(
+            "the limit on open files is {got} (hard limit {hard}): serving up to {} connections, not {}",
+            fitted.max_conns, limits.max_conns
+        );
+    }
+    fitted
+}
 
 /// Serves `listener` on this thread until a stop signal, then lets what
 /// is in flight finish within [`Limits::stop_grace`].
