@@ -170,6 +170,7 @@ fn run(args: impl Iterator<Item = String>) -> Result<(), Failure> {
         Socket::Listen(addr) => {
             let listener =
                 Listener::bind(&addr).map_err(|error| Failure::Listen { addr, error })?;
+            tourney_register::event::deepen_backlog(&listener);
             serve_concurrently(relay, listener, &limits, status)
         }
         Socket::Activated(PassedSocket { listener, name }) => {

@@ -80,6 +80,21 @@ const STOP_CHECK: Duration = Duration::from_millis(20);
 /// First pause after a failed accept; doubles up to a second.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(10);
 
+/// Gives a listener this process bound the deepest accept queue the
+/// kernel allows (`net.core.somaxconn`): a web server opens a burst of
+/// connections at once, and a TCP connection past a full queue is retried
+/// only a second later. (A socket from the service manager keeps the
+/// backlog its unit sets.)
+pub fn deepen_backlog(listener: &Listener) {
+    let deepened = match listener {
+        Listener::Tcp(l) => sys::relisten(l, -1),
+        Listener::Unix(l, _) => sys::relisten(l, -1),
+    };
+    if let Err(e) = deepened {
+        warn!("cannot deepen the listener's accept queue: {e}");
+    }
+}
+
 /// Raises this process's soft limit on open descriptors (up to the hard
 /// limit) to what serving at `limits` may hold — a service starts with
 /// 1024 — and lowers the connection cap, with a warning, when even the
