@@ -36,6 +36,7 @@ def made_up_run():
         "page_bytes": 1837,
         "fcgid_rss": {"instant": rss, "burst": rss},
         "proxy_rss": {"instant": rss, "burst": rss},
+        "nginx_rss": {"burst": rss, "2000": rss},
         "cgi": {"runs": 100, "true": {"median_us": 400, "p90_us": 500},
                 "cgi": {"median_us": 700, "p90_us": 900}},
         "spawn": {"runs": 2, "static_first_ms": 1.0, "spawn_first_ms": 3.0, "second_ms": 1.0},

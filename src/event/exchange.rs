@@ -27,11 +27,10 @@ const FULL_PAUSE_MAX: Duration = Duration::from_millis(20);
 /// The reply buffer's first size; it doubles as the reply grows.
 const REPLY_START: usize = 512;
 
-/// A non-blocking connection to the bot.
+/// A non-blocking connection to the bot. Until its connect is done a
+/// write would block; a connect that failed shows as the first write's
+/// error (no system call is spent asking in between).
 pub trait BotSocket: Read + Write {
-    /// Whether a connect begun without waiting is done: `Ok(false)` while
-    /// it is still on its way, the connect's error if it failed.
-    fn connected(&mut self) -> io::Result<bool>;
     /// Ends the sending side: the bot reads end of stream.
     fn shutdown_write(&mut self) -> io::Result<()>;
 }
@@ -60,6 +59,8 @@ enum Phase<S> {
     Dial,
     /// Waiting before the next attempt (a refusal, or a full backlog).
     Pause(Instant),
+    /// Connecting: nothing written yet, so a write's error is the
+    /// connect's.
     Connecting(S),
     Sending(S, usize),
     Receiving(S),
@@ -130,15 +131,21 @@ impl<S: BotSocket> Exchange<S> {
                         }
                     }
                 },
-                Phase::Connecting(mut socket) => match socket.connected() {
-                    Ok(true) => {
+                Phase::Connecting(mut socket) => match socket.write(&self.message) {
+                    Ok(0) => return self.end(Err(BotError::Closed)),
+                    Ok(n) => {
                         self.full_pause = FULL_PAUSE;
-                        self.phase = Phase::Sending(socket, 0);
+                        self.phase = Phase::Sending(socket, n);
                     }
-                    Ok(false) => {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.phase = Phase::Connecting(socket);
                         return Progress::Wait(self.deadline);
                     }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                        self.phase = Phase::Connecting(socket);
+                    }
+                    // Refused, reset, or the bot gone before a byte left:
+                    // the code was not sent.
                     Err(e) => {
                         if let Some(done) = self.failed_connect(e, now, dialer.targets()) {
                             return done;
@@ -268,7 +275,6 @@ mod tests {
 
     #[derive(Default)]
     struct Fake {
-        connects: VecDeque<io::Result<bool>>,
         reads: VecDeque<Act>,
         writes: VecDeque<Act>,
         written: Vec<u8>,
@@ -318,10 +324,6 @@ mod tests {
     }
 
     impl BotSocket for Fake {
-        fn connected(&mut self) -> io::Result<bool> {
-            self.connects.pop_front().unwrap_or(Ok(true))
-        }
-
         fn shutdown_write(&mut self) -> io::Result<()> {
             self.half_closed = true;
             Ok(())
@@ -387,8 +389,8 @@ mod tests {
     fn sends_half_closes_and_reads_the_reply_to_its_end() {
         let t0 = Instant::now();
         let sock = Fake {
-            connects: [Ok(false), Ok(true)].into(),
-            writes: [Act::Data(vec![0; 5]), Act::Block].into(),
+            // Still connecting, then a short write, then a full buffer.
+            writes: [Act::Block, Act::Data(vec![0; 5]), Act::Block].into(),
             reads: [
                 Act::Block,
                 Act::Data(REPLY[..10].to_vec()),
@@ -459,7 +461,7 @@ mod tests {
     fn a_refused_connect_in_progress_counts_as_a_refusal_and_tries_every_address() {
         let t0 = Instant::now();
         let failing = Fake {
-            connects: [Err(io::ErrorKind::ConnectionRefused.into())].into(),
+            writes: [Act::Block, Act::Fail(io::ErrorKind::ConnectionRefused)].into(),
             ..Fake::default()
         };
         let sock = Fake {
@@ -472,6 +474,7 @@ mod tests {
             dialed: Vec::new(),
         };
         let mut x = exchange(t0);
+        assert_eq!(wait(x.advance(t0, &mut d)), t0 + Duration::from_secs(10));
         assert!(done(x.advance(t0, &mut d)).is_ok());
         assert_eq!(d.dialed, vec![0, 1]);
     }
@@ -578,9 +581,6 @@ mod tests {
             }
         }
         impl BotSocket for Keep {
-            fn connected(&mut self) -> io::Result<bool> {
-                Ok(true)
-            }
             fn shutdown_write(&mut self) -> io::Result<()> {
                 self.1.shutdown_write()
             }

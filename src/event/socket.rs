@@ -74,23 +74,6 @@ impl Write for Sock {
 }
 
 impl BotSocket for Sock {
-    fn connected(&mut self) -> io::Result<bool> {
-        // mio's recipe: a pending error means the connect failed; a peer
-        // address means it is done; "not connected" means not yet.
-        let (error, peer) = match self {
-            Sock::Tcp(s) => (s.take_error(), s.peer_addr().map(drop)),
-            Sock::Unix(s) => (s.take_error(), s.peer_addr().map(drop)),
-        };
-        if let Some(e) = error? {
-            return Err(e);
-        }
-        match peer {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
     fn shutdown_write(&mut self) -> io::Result<()> {
         Sock::shutdown_write(self)
     }
