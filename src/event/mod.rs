@@ -198,6 +198,12 @@ pub fn serve(
                     let mut sink = [0u8; 64];
                     while matches!((&watcher).read(&mut sink), Ok(n) if n > 0) {}
                 }
+                // A bot socket that only became writable (its connect
+                // done, with the message already out) has nothing to read.
+                Token(t)
+                    if t % 2 == 1
+                        && !(event.is_readable() || event.is_read_closed() || event.is_error())
+                        && !event_loop.sending_to_bot(t / 2) => {}
                 Token(t) => event_loop.drive(t / 2, now),
             }
         }
@@ -344,6 +350,17 @@ impl EventLoop<'_> {
                 .iter()
                 .flatten()
                 .any(|c| c.sent < c.out.len() && !matches!(c.phase, Phase::Lingering { .. }))
+    }
+
+    /// Whether connection `slot`'s exchange with the bot is still sending.
+    fn sending_to_bot(&self, slot: usize) -> bool {
+        match self.conns.get(slot) {
+            Some(Some(Conn {
+                phase: Phase::Exchanging(x),
+                ..
+            })) => x.exchange.sending(),
+            _ => false,
+        }
     }
 
     fn stop_accepting(&mut self) {
