@@ -78,6 +78,12 @@ fn a_burst_of_sign_ups_through_nginx_reaches_the_bot_once_each() {
         ],
         1024,
     );
+    // The limit is raised before the accepting begins, which the log says.
+    assert!(
+        relay.wait_stderr_contains("listening on", Duration::from_secs(10)),
+        "{}",
+        relay.stderr_text()
+    );
     let raised = soft_files_limit(relay.pid());
     assert!(
         raised.is_some_and(|n| n >= 2 * BURST as u64),

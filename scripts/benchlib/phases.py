@@ -57,7 +57,7 @@ PARTS = {
     "proxy-disk": ((Phase.PROXY_DISK,), ()),
     "fcgid-unixbot": ((Phase.FCGID_UNIXBOT,), ()),
     "proxy-unixbot": ((Phase.PROXY_UNIXBOT,), ()),
-    "nginx-2000": (NGINX_BURSTS, ("nginx_rss",)),
+    "nginx-2000": (NGINX_BURSTS, ("nginx_rss", "nginx_once")),
     "cgi": ((), ("cgi",)),
     "spawn": ((), ("spawn",)),
     "syscalls": ((), ("syscalls",)),

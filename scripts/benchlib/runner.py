@@ -13,7 +13,8 @@ from .common import REPO, die, free_port, log, read, run, size, tail_from, tmpfs
 from .phases import DISK, MODES, NGINX_CONNS, UNIXBOT, Phase, phases_of
 from .sampling import Groups, cpu_delta, cpu_totals, time_wait_sockets, vm_hwm_kib
 from .services import (CODE_PAD, RUN_TAG, STATE, WRK_LUA, Apache, Bot, NginxFront, count_access,
-                       count_gone, count_outcomes, raise_files_limit, settle, timed_get, wrk)
+                       count_gone, count_outcomes, one_shot, raise_files_limit, settle, timed_get,
+                       wrk)
 
 
 class Bench:
@@ -263,6 +264,8 @@ class Bench:
                                conns, relay_env=a.relay_env)
             try:
                 front.start()
+                if key == "2000":
+                    self.nginx_once(front)
                 self.load(phase, front, "/register", a.delay_ms, conns, a.duration,
                           relay_pid=front.relay_pid())
                 self.results.setdefault("nginx_rss", {})[key] = self.relay_rss(front, front.relay_pid())
@@ -273,6 +276,22 @@ class Bench:
                                     f"{errors.count('[alert]')} alerts"))
             finally:
                 front.stop()
+
+    def nginx_once(self, front):
+        """NGINX_CONNS sign-ups at the same moment, once each, before the
+        sustained load on the same relay."""
+        a = self.args
+        bot = Bot(self.bot_bin, self.bot_port, a.delay_ms, self.rundir, threads=front.bot_threads)
+        log(f"nginx: {NGINX_CONNS} sign-ups at once, bot {a.delay_ms} ms")
+        once = one_shot(front.port, NGINX_CONNS, f"{CODE_PAD}{RUN_TAG}-once")
+        settle([front.relay_log()])
+        summary = bot.stop()
+        once["codes_ok"] = (summary.get("received") == NGINX_CONNS and summary.get("duplicates") == 0
+                            and summary.get("malformed") == 0)
+        self.checks.append(("nginx 2000 at once", once["codes_ok"],
+                            f"bot received {summary.get('received')} codes "
+                            f"({summary.get('duplicates')} duplicates) from {NGINX_CONNS} players"))
+        self.results["nginx_once"] = once
 
     def cgi(self):
         """Whole-process wall time of one CGI request, next to /bin/true."""

@@ -37,6 +37,8 @@ def made_up_run():
         "fcgid_rss": {"instant": rss, "burst": rss},
         "proxy_rss": {"instant": rss, "burst": rss},
         "nginx_rss": {"burst": rss, "2000": rss},
+        "nginx_once": {"requests": 2000, "errors": 0, "p50_us": 310_000, "p99_us": 400_000,
+                       "max_us": 420_000, "codes_ok": True},
         "cgi": {"runs": 100, "true": {"median_us": 400, "p90_us": 500},
                 "cgi": {"median_us": 700, "p90_us": 900}},
         "spawn": {"runs": 2, "static_first_ms": 1.0, "spawn_first_ms": 3.0, "second_ms": 1.0},

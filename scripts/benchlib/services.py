@@ -231,10 +231,12 @@ class NginxFront:
         user = "user root root;\n" if os.geteuid() == 0 else ""
         (self.dir / "nginx.conf").write_text(
             f"{user}worker_processes auto;\n"
-            f"worker_rlimit_nofile {4 * self.conns + 256};\n"
+            f"worker_rlimit_nofile {4 * self.conns + 512};\n"
             f"pid {self.dir}/run/nginx.pid;\n"
             f"error_log {logs}/error.log;\n"
-            f"events {{ worker_connections {2 * self.conns + 256}; }}\n"
+            # A client holds two connections (its own and one to the
+            # relay); short of about 2.1 each nginx closes some unanswered.
+            f"events {{ worker_connections {3 * self.conns + 256}; }}\n"
             "http {\n"
             f"  access_log {logs}/access.log;\n"
             f"  client_body_temp_path {tmp}/body;\n  fastcgi_temp_path {tmp}/fastcgi;\n"
@@ -314,6 +316,42 @@ class NginxFront:
 
     def error_log(self):
         return self.dir / "logs" / "error.log"
+
+
+def one_shot(port, n, code_prefix, timeout=30):
+    """n players at the same moment, each one GET /register with a code of
+    its own on a connection of its own, once (wrk keeps its connections
+    busy instead). Latency of each from its connect to the end of its
+    answer; an error is anything but a 200 success page."""
+    import asyncio
+
+    async def player(i, start):
+        await start.wait()
+        t = time.perf_counter()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET /register?code={code_prefix}-{i}&state={STATE} HTTP/1.1\r\n"
+                         "Host: localhost\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+            data = await asyncio.wait_for(reader.read(), timeout)
+            writer.close()
+            ok = data.startswith(b"HTTP/1.1 200") and b"Success" in data
+        except (OSError, asyncio.TimeoutError):
+            ok = False
+        return time.perf_counter() - t, ok
+
+    async def burst():
+        start = asyncio.Event()
+        tasks = [asyncio.create_task(player(i, start)) for i in range(n)]
+        await asyncio.sleep(0.2)
+        start.set()
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(burst())
+    times = sorted(t for t, _ in results)
+    return {"requests": n, "errors": sum(1 for _, ok in results if not ok),
+            "p50_us": times[len(times) // 2] * 1e6, "p99_us": times[int(len(times) * 0.99)] * 1e6,
+            "max_us": times[-1] * 1e6}
 
 
 def raise_files_limit():

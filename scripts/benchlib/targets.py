@@ -106,6 +106,14 @@ def _nginx_rss(key, most_kib):
     return Target(text, (), (("nginx_rss", key),), measure)
 
 
+def _nginx_once(f):
+    x = f.results["nginx_once"]
+    delay_us = f.delay_ms * 1000
+    return (f"{x['errors']} errors, codes {'ok' if x['codes_ok'] else 'FAILED'}; p50 {x['p50_us'] / 1000:.0f} ms "
+            f"({x['p50_us'] / delay_us:.2f} ×), p99 {x['p99_us'] / 1000:.0f} ms ({x['p99_us'] / delay_us:.2f} ×)",
+            x["errors"] == 0 and x["codes_ok"] and x["p99_us"] <= 1.5 * delay_us)
+
+
 def _fcgid_rss(f):
     v = max(x["max_kib"] for x in f.results["fcgid_rss"].values())
     return mib(v), v <= 4096
@@ -157,6 +165,8 @@ TARGETS = (
     _latency(Phase.NGINX_2000, "p50_us"),
     _latency(Phase.NGINX_2000, "p99_us", factor=1.5),
     _latency(Phase.NGINX_BURST, "p99_us"),
+    Target(lambda f: f"{NGINX_CONNS} sign-ups at once through nginx: zero errors, every code once, "
+           f"p99 ≤ 1.5 × the bot's {f.delay_ms} ms", (), (("nginx_once", None),), _nginx_once),
     _nginx_rss("burst", 8192),
     _nginx_rss("2000", 16384),
 )

@@ -41,8 +41,12 @@ pub trait Dialer {
     type Socket: BotSocket;
     /// How many addresses the bot has (a host name may resolve to several).
     fn targets(&self) -> usize;
-    /// Begins a connection to address `target` (below [`Dialer::targets`]).
+    /// Begins a connection to address `target` (below [`Dialer::targets`]),
+    /// watched for readability only: a message of a few hundred bytes
+    /// nearly always goes out at once.
     fn dial(&mut self, target: usize) -> io::Result<Self::Socket>;
+    /// Watches `socket` for writability too, once a write would block.
+    fn watch_writable(&mut self, socket: &mut Self::Socket) -> io::Result<()>;
 }
 
 /// What the driver does after [`Exchange::advance`].
@@ -78,6 +82,8 @@ pub struct Exchange<S> {
     target: usize,
     phase: Phase<S>,
     reply: Vec<u8>,
+    /// The current socket is watched for writability.
+    watching_writable: bool,
 }
 
 impl<S: BotSocket> Exchange<S> {
@@ -100,6 +106,7 @@ impl<S: BotSocket> Exchange<S> {
             target: 0,
             phase: Phase::Dial,
             reply: Vec::new(),
+            watching_writable: false,
         }
     }
 
@@ -133,7 +140,10 @@ impl<S: BotSocket> Exchange<S> {
                     return Progress::Wait(until.min(self.deadline));
                 }
                 Phase::Pause(_) | Phase::Dial => match dialer.dial(self.target) {
-                    Ok(socket) => self.phase = Phase::Connecting(socket),
+                    Ok(socket) => {
+                        self.watching_writable = false;
+                        self.phase = Phase::Connecting(socket);
+                    }
                     Err(e) => {
                         if let Some(done) = self.failed_connect(e, now, dialer.targets()) {
                             return done;
@@ -147,6 +157,10 @@ impl<S: BotSocket> Exchange<S> {
                         self.phase = Phase::Sending(socket, n);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if let Err(e) = self.watch_writable(&mut socket, dialer) {
+                            // Nothing was sent.
+                            return self.end(Err(BotError::Unavailable(e)));
+                        }
                         self.phase = Phase::Connecting(socket);
                         return Progress::Wait(self.deadline);
                     }
@@ -177,6 +191,9 @@ impl<S: BotSocket> Exchange<S> {
                         Ok(0) => return self.end(Err(BotError::Closed)),
                         Ok(n) => self.phase = Phase::Sending(socket, sent + n),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            if let Err(e) = self.watch_writable(&mut socket, dialer) {
+                                return self.end(Err(io_error(e)));
+                            }
                             self.phase = Phase::Sending(socket, sent);
                             return Progress::Wait(self.deadline);
                         }
@@ -215,6 +232,19 @@ impl<S: BotSocket> Exchange<S> {
                 }
             }
         }
+    }
+
+    /// Has the dialer watch the socket for writability, once per socket.
+    fn watch_writable<D: Dialer<Socket = S>>(
+        &mut self,
+        socket: &mut S,
+        dialer: &mut D,
+    ) -> io::Result<()> {
+        if !self.watching_writable {
+            dialer.watch_writable(socket)?;
+            self.watching_writable = true;
+        }
+        Ok(())
     }
 
     /// After a connect to the current target failed: the next address at
@@ -347,6 +377,8 @@ mod tests {
         targets: usize,
         plan: VecDeque<io::Result<Fake>>,
         dialed: Vec<usize>,
+        /// Sockets watched for writability.
+        watched: usize,
     }
 
     impl Dialer for Dial {
@@ -360,6 +392,10 @@ mod tests {
                 .pop_front()
                 .unwrap_or_else(|| Err(io::ErrorKind::ConnectionRefused.into()))
         }
+        fn watch_writable(&mut self, _: &mut Fake) -> io::Result<()> {
+            self.watched += 1;
+            Ok(())
+        }
     }
 
     fn dial(plan: Vec<io::Result<Fake>>) -> Dial {
@@ -367,6 +403,7 @@ mod tests {
             targets: 1,
             plan: plan.into(),
             dialed: Vec::new(),
+            watched: 0,
         }
     }
 
@@ -422,6 +459,8 @@ mod tests {
             assert_eq!(wait(x.advance(t0, &mut d)), deadline);
         }
         assert!(!x.sending());
+        // Two writes blocked: the socket was watched for writability once.
+        assert_eq!(d.watched, 1);
         let reply = done(x.advance(t0, &mut d)).unwrap();
         assert_eq!(
             reply,
@@ -489,6 +528,7 @@ mod tests {
             targets: 2,
             plan: [Ok(failing), Ok(sock)].into(),
             dialed: Vec::new(),
+            watched: 0,
         };
         let mut x = exchange(t0);
         assert_eq!(wait(x.advance(t0, &mut d)), t0 + Duration::from_secs(10));
@@ -613,6 +653,9 @@ mod tests {
             }
             fn dial(&mut self, _: usize) -> io::Result<Keep> {
                 self.0.take().ok_or(io::ErrorKind::ConnectionRefused.into())
+            }
+            fn watch_writable(&mut self, _: &mut Keep) -> io::Result<()> {
+                Ok(())
             }
         }
         let sent = std::rc::Rc::default();

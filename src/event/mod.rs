@@ -440,7 +440,7 @@ impl EventLoop<'_> {
             self.conns.push(None);
             self.conns.len() - 1
         });
-        if let Err(e) = sock.register(self.poll.registry(), peer_token(slot)) {
+        if let Err(e) = sock.register(self.poll.registry(), peer_token(slot), socket::BOTH) {
             warn!("cannot watch a new connection, closing it: {e}");
             self.uncount(counted.is_some());
             self.free.push(slot);

@@ -17,7 +17,7 @@ use crate::sys;
 
 /// Both directions, edge-triggered: a socket is read or written until it
 /// would block, and the loop hears when that changes.
-const BOTH: Interest = Interest::READABLE.add(Interest::WRITABLE);
+pub const BOTH: Interest = Interest::READABLE.add(Interest::WRITABLE);
 
 /// A connected socket, over TCP or a Unix socket.
 pub enum Sock {
@@ -28,11 +28,29 @@ pub enum Sock {
 }
 
 impl Sock {
-    /// Registers it with `registry` under `token`, for both directions.
-    pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+    /// Registers it with `registry` under `token`, for `interest`.
+    pub fn register(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interest: Interest,
+    ) -> io::Result<()> {
         match self {
-            Sock::Tcp(s) => registry.register(s, token, BOTH),
-            Sock::Unix(s) => registry.register(s, token, BOTH),
+            Sock::Tcp(s) => registry.register(s, token, interest),
+            Sock::Unix(s) => registry.register(s, token, interest),
+        }
+    }
+
+    /// Changes what it is watched for.
+    pub fn reregister(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        interest: Interest,
+    ) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => registry.reregister(s, token, interest),
+            Sock::Unix(s) => registry.reregister(s, token, interest),
         }
     }
 
@@ -128,8 +146,12 @@ impl Dialer for BotDialer<'_> {
             // EAGAIN here is a full backlog: the exchange waits and tries again.
             BotAddr::Unix(path) => Sock::Unix(UnixStream::connect(path)?),
         };
-        sock.register(self.registry, self.token)?;
+        sock.register(self.registry, self.token, Interest::READABLE)?;
         Ok(sock)
+    }
+
+    fn watch_writable(&mut self, socket: &mut Sock) -> io::Result<()> {
+        socket.reregister(self.registry, self.token, BOTH)
     }
 }
 

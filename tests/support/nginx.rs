@@ -77,8 +77,11 @@ impl Nginx {
                }}\n\
              }}\n",
             user = if root { "user root root;\n" } else { "" },
-            files = 4 * connections + 64,
-            conns = 2 * connections + 64,
+            // Each client holds one connection and one to the relay; with
+            // fewer than about 2.1 per client nginx closes some of them
+            // unanswered ("worker_connections are not enough, reusing").
+            files = 4 * connections + 512,
+            conns = 3 * connections + 256,
             dir = dir.path().display(),
             tmp = tmp.display(),
         );
