@@ -2,13 +2,14 @@
 //!
 //! The relay sends `{"state": S, "code": C}`, shuts down its write side so
 //! the bot's `await reader.read()` sees EOF, then reads the bot's
-//! `{"success": bool, "message": str}` to EOF. Every step shares one
-//! deadline, so a hung bot costs a player at most `REGISTER_BOT_TIMEOUT`.
+//! `{"success": bool, "message": str}`, which ends at EOF (a reply that
+//! already decodes whole is taken without waiting for it). Every step
+//! shares one deadline, so a hung bot costs a player at most
+//! `REGISTER_BOT_TIMEOUT`.
 
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::unix::net::UnixStream;
+use std::io;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{BotAddr, Config, Wire};
 use crate::net::Stream;
-use crate::sys;
+use crate::{scan, sys};
 
 /// Largest reply read from the bot; anything longer is not a reply.
 pub const MAX_REPLY: usize = 64 * 1024;
@@ -142,7 +143,7 @@ struct Message<'a> {
 pub fn encode(wire: Wire, state: &str, code: &str) -> Vec<u8> {
     let msg = Message { state, code };
     let encoded = match wire {
-        Wire::Json => serde_json::to_vec(&msg).map_err(|e| e.to_string()),
+        Wire::Json => Ok(json_message(state, code)),
         // Protocol 3 is what every Python 3 reads; the struct becomes a
         // dict of str to str, as the Flask relay's pickle.dumps made.
         Wire::Pickle => {
@@ -151,6 +152,56 @@ pub fn encode(wire: Wire, state: &str, code: &str) -> Vec<u8> {
     };
     // Two strings into a map cannot fail to serialize in either format.
     encoded.unwrap_or_default()
+}
+
+/// `{"state":S,"code":C}` byte for byte as serde_json writes it (a test
+/// holds the two together), with runs of plain text copied whole: the
+/// code is a kilobyte that needs no escaping.
+fn json_message(state: &str, code: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(state.len() + code.len() + 32);
+    out.extend_from_slice(b"{\"state\":");
+    json_string(&mut out, state);
+    out.extend_from_slice(b",\"code\":");
+    json_string(&mut out, code);
+    out.push(b'}');
+    out
+}
+
+/// A JSON string as serde_json escapes it: `"` and `\\`, the five short
+/// escapes, `\u00xx` for the other control characters, the rest as is.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let escaped = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+    let any =
+        |w: u64| scan::has_below(w, 0x20) | scan::has_byte(w, b'"') | scan::has_byte(w, b'\\');
+    out.push(b'"');
+    let mut rest = s.as_bytes();
+    loop {
+        let plain = scan::first(rest, any, escaped);
+        out.extend_from_slice(&rest[..plain]);
+        let Some(&b) = rest.get(plain) else { break };
+        let short = match b {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            0x08 => b'b',
+            0x0c => b'f',
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            _ => b'u',
+        };
+        out.extend_from_slice(&[b'\\', short]);
+        if short == b'u' {
+            out.extend_from_slice(&[
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 15)],
+            ]);
+        }
+        rest = &rest[plain + 1..];
+    }
+    out.push(b'"');
 }
 
 /// Reads the bot's reply: an object (a dict in pickle) with `success` and
@@ -187,66 +238,172 @@ pub fn decode(wire: Wire, bytes: &[u8]) -> Result<BotReply, BotError> {
 
 /// Delivers one code to the bot and returns its answer, all within
 /// `config.bot_timeout`.
+///
+/// The socket is non-blocking and every wait is a `poll` bounded by the
+/// one deadline: connect, send and reply need no socket timeouts set. On
+/// loopback the handshake is done within `connect` and the message fits
+/// the fresh socket's buffer, so the only wait is for the reply.
 pub fn exchange(config: &Config, state: &str, code: &str) -> Result<BotReply, BotError> {
     let deadline = Instant::now() + config.bot_timeout;
-    let mut conn = connect(&config.bot_addr, config.bot_retry, deadline)?;
     let message = encode(config.wire, state, code);
-    let reply = talk(&mut conn, &message, deadline)?;
-    decode(config.wire, &reply)
+    let conn = connect_and_send(&config.bot_addr, config.bot_retry, &message, deadline)?;
+    read_reply(&conn, config.wire, deadline)
 }
 
-fn talk(conn: &mut Stream, message: &[u8], deadline: Instant) -> Result<Vec<u8>, BotError> {
-    // A fresh socket's send buffer takes the message at once; only if it
-    // does not is the send bounded by the time left.
-    let sent = match sys::send_now(conn, message) {
-        Some(Ok(n)) => n,
-        Some(Err(e)) => return Err(io_error(e)),
-        None => 0,
-    };
-    if sent < message.len() {
-        conn.set_write_timeout(remaining(deadline)?)
-            .map_err(io_error)?;
-        conn.write_all(&message[sent..]).map_err(io_error)?;
+/// Why an attempt to connect and send failed.
+enum Attempt {
+    /// Nothing of the message left this host (refused, no such socket):
+    /// the connection may be tried again.
+    NotSent(io::Error),
+    /// A failure past that point, or the deadline.
+    Failed(BotError),
+}
+
+/// Connects and sends the message, then half-closes. Refusals are tried
+/// again until `retry` has passed, because a bot that is restarting
+/// refuses for a second or two and a player's click should survive that.
+fn connect_and_send(
+    addr: &BotAddr,
+    retry: Duration,
+    message: &[u8],
+    deadline: Instant,
+) -> Result<Stream, BotError> {
+    let retry_until = Instant::now() + retry;
+    let mut pause = Duration::from_millis(25);
+    loop {
+        remaining(deadline)?;
+        let attempt = match addr {
+            BotAddr::Tcp(addrs) => send_tcp(addrs, message, deadline),
+            BotAddr::Unix(path) => send_unix(path, message, deadline),
+        };
+        match attempt {
+            Ok(conn) => {
+                // The bot reads to EOF, so the half-close is what makes it answer.
+                conn.shutdown_write().map_err(io_error)?;
+                return Ok(conn);
+            }
+            Err(Attempt::Failed(e)) => return Err(e),
+            Err(Attempt::NotSent(e)) => {
+                let now = Instant::now();
+                if !retryable(&e) || now + pause > retry_until || now + pause >= deadline {
+                    return Err(BotError::Unavailable(e));
+                }
+                thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(250));
+            }
+        }
     }
-    // The bot reads to EOF, so the half-close is what makes it answer.
-    conn.shutdown_write().map_err(io_error)?;
+}
+
+/// Tries each address in turn until one takes the message.
+fn send_tcp(addrs: &[SocketAddr], message: &[u8], deadline: Instant) -> Result<Stream, Attempt> {
+    let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no address");
+    for addr in addrs {
+        let conn = match sys::start_connect_tcp(addr) {
+            Ok(s) => Stream::Tcp(s),
+            Err(e) => {
+                last = e;
+                continue;
+            }
+        };
+        match send_message(&conn, message, deadline) {
+            Ok(()) => return Ok(conn),
+            Err(Attempt::NotSent(e)) => last = e,
+            Err(failed) => return Err(failed),
+        }
+    }
+    Err(Attempt::NotSent(last))
+}
+
+/// A Unix connect is made at once, or refused, or finds the bot's accept
+/// backlog full: then it is tried again, briefly paused, until the deadline.
+fn send_unix(path: &Path, message: &[u8], deadline: Instant) -> Result<Stream, Attempt> {
+    let mut pause = Duration::from_millis(1);
+    let conn = loop {
+        match sys::start_connect_unix(path) {
+            Ok(s) => break Stream::Unix(s),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Attempt::Failed(BotError::Timeout));
+                }
+                thread::sleep(pause.min(left));
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+            Err(e) => return Err(Attempt::NotSent(e)),
+        }
+    };
+    send_message(&conn, message, deadline)?;
+    Ok(conn)
+}
+
+/// Sends the whole message on a non-blocking socket whose connection may
+/// still be under way, waiting for room (or for the handshake) by the
+/// deadline. An error before the first byte is `NotSent`: a refused
+/// connection surfaces here.
+fn send_message(conn: &Stream, message: &[u8], deadline: Instant) -> Result<(), Attempt> {
+    let mut sent = 0;
+    while sent < message.len() {
+        match sys::send_now(conn, &message[sent..]) {
+            Some(Ok(n)) => sent += n,
+            Some(Err(e)) if sent == 0 => return Err(Attempt::NotSent(e)),
+            Some(Err(e)) => return Err(Attempt::Failed(io_error(e))),
+            None => match sys::wait_ready(conn, libc::POLLOUT, deadline) {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(Attempt::Failed(BotError::Timeout)),
+                Err(e) => return Err(Attempt::Failed(io_error(e))),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Reads the reply by the deadline. The reply ends at the bot's end of
+/// stream, as on the old wire, and the `poll` before a read already tells
+/// whether the bot has shut its side (`POLLRDHUP`): a read that then
+/// drains the socket has the whole reply, and the read of the end of
+/// stream itself is left out. A reply that looks whole before the bot has
+/// shut its side is not taken: the event loop reads to the end of stream
+/// too, and a bot's reply must not be an answer in one mode and a timeout
+/// in the other, or an answer or a refusal depending on how TCP cut it.
+fn read_reply(conn: &Stream, wire: Wire, deadline: Instant) -> Result<BotReply, BotError> {
     // Read straight into the reply, grown as needed: no 8 KiB buffer on
-    // the stack of each thread (in --listen mode, hundreds of them, whose
-    // touched stack pages stay resident).
+    // the stack of each thread.
     let mut reply = vec![0u8; 512];
     let mut len = 0;
+    // Right after the half-close the bot has not answered yet: wait first.
+    let mut wait = true;
+    // The bot has shut its side: all it sent is in the socket.
+    let mut ended = false;
     loop {
+        if wait {
+            match sys::wait_ready(conn, libc::POLLIN | libc::POLLRDHUP, deadline) {
+                Ok(Some(events)) => ended = events & (libc::POLLRDHUP | libc::POLLHUP) != 0,
+                Ok(None) => return Err(BotError::Timeout),
+                Err(e) => return Err(io_error(e)),
+            }
+        }
         if len == reply.len() {
             reply.resize((len * 2).min(MAX_REPLY + 1), 0);
         }
-        // After the first piece of the answer the rest (or the end of
-        // stream) is usually there already: take it without waiting, and
-        // bound a wait by the time left only when there is one.
-        let ready = if len > 0 {
-            sys::recv_now(conn, &mut reply[len..])
-        } else {
-            None
-        };
-        let n = match ready {
-            Some(r) => r,
-            None => {
-                conn.set_read_timeout(remaining(deadline)?)
-                    .map_err(io_error)?;
-                conn.read(&mut reply[len..])
+        let room = reply.len() - len;
+        match sys::recv_now(conn, &mut reply[len..]) {
+            None => wait = true,
+            Some(Err(e)) => return Err(io_error(e)),
+            Some(Ok(0)) => return decode(wire, &reply[..len]),
+            Some(Ok(n)) => {
+                len += n;
+                if len > MAX_REPLY {
+                    return Err(BotError::TooLarge);
+                }
+                // Less than asked for: the socket is drained. After the
+                // bot shut its side that is the whole reply; before, the
+                // next read waits for more or for the end.
+                if n < room && ended {
+                    return decode(wire, &reply[..len]);
+                }
+                wait = n < room;
             }
-        };
-        let n = match n {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_error(e)),
-        };
-        if n == 0 {
-            reply.truncate(len);
-            return Ok(reply);
-        }
-        len += n;
-        if len > MAX_REPLY {
-            return Err(BotError::TooLarge);
         }
     }
 }
@@ -269,40 +426,6 @@ fn io_error(e: io::Error) -> BotError {
     }
 }
 
-/// Connects, retrying refusals until `retry` has passed, because a bot
-/// that is restarting refuses for a second or two and a player's click
-/// should survive that.
-fn connect(addr: &BotAddr, retry: Duration, deadline: Instant) -> Result<Stream, BotError> {
-    let retry_until = Instant::now() + retry;
-    let mut pause = Duration::from_millis(25);
-    loop {
-        let left = remaining(deadline)?;
-        let result = match addr {
-            BotAddr::Tcp(addrs) => connect_tcp(addrs, left).map(Stream::Tcp),
-            BotAddr::Unix(path) => connect_unix(path, left).map(Stream::Unix),
-        };
-        match result {
-            Ok(conn) => return Ok(conn),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(BotError::Timeout);
-            }
-            Err(e) => {
-                let now = Instant::now();
-                if !retryable(&e) || now + pause > retry_until || now + pause >= deadline {
-                    return Err(BotError::Unavailable(e));
-                }
-                thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(250));
-            }
-        }
-    }
-}
-
 fn retryable(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -310,30 +433,12 @@ fn retryable(e: &io::Error) -> bool {
     )
 }
 
-/// No `TCP_NODELAY`: the one write is followed by the half-close, which
-/// sends at once, so Nagle never holds anything back here.
-fn connect_tcp(addrs: &[SocketAddr], timeout: Duration) -> io::Result<TcpStream> {
-    let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no address");
-    for addr in addrs {
-        match sys::connect_tcp(addr, timeout) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
-}
-
-/// A Unix socket connect blocks while the bot's accept backlog is full;
-/// [`sys::connect_unix`] bounds it.
-fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
-    sys::connect_unix(path, timeout)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::outcome::Outcome;
-    use std::net::TcpListener;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
 
     #[test]
     fn a_failure_kind_rebuilds_its_error() {
@@ -574,5 +679,195 @@ mod tests {
         let c = config_for(BotAddr::Tcp(vec![addr]), 5000, 0);
         assert!(matches!(exchange(&c, "s", "c"), Err(BotError::TooLarge)));
         peer.join().unwrap();
+    }
+
+    /// A peer that writes `reply` after reading the message, then keeps
+    /// the connection open until `hold` says so.
+    fn peer_holding_open(
+        reply: Vec<u8>,
+    ) -> (
+        SocketAddr,
+        std::sync::mpsc::Sender<()>,
+        thread::JoinHandle<()>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let peer = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut msg = Vec::new();
+            s.read_to_end(&mut msg).unwrap();
+            s.write_all(&reply).unwrap();
+            let _ = held.recv();
+        });
+        (addr, hold, peer)
+    }
+
+    /// The reply ends at the bot's end of stream, as on the old wire: one
+    /// that looks whole but is held open is no answer by the deadline,
+    /// whatever its length (512 bytes fills the first read exactly).
+    #[test]
+    fn a_reply_counts_only_at_the_end_of_stream() {
+        let pickle = serde_pickle::to_vec(
+            &BotReply {
+                success: false,
+                message: "taken".into(),
+            },
+            serde_pickle::SerOptions::new(),
+        )
+        .unwrap();
+        let json = |len: usize| {
+            let head = br#"{"success":true,"message":""#.len() + br#""}"#.len();
+            format!(
+                r#"{{"success":true,"message":"{}"}}"#,
+                "m".repeat(len - head)
+            )
+            .into_bytes()
+        };
+        for (wire, reply) in [
+            (Wire::Json, json(64)),
+            (Wire::Json, json(512)),
+            (Wire::Json, json(513)),
+            (Wire::Pickle, pickle),
+        ] {
+            let (addr, hold, peer) = peer_holding_open(reply.clone());
+            let mut c = config_for(BotAddr::Tcp(vec![addr]), 300, 0);
+            c.wire = wire;
+            let got = exchange(&c, "s", "c");
+            hold.send(()).unwrap();
+            peer.join().unwrap();
+            assert!(
+                matches!(got, Err(BotError::Timeout)),
+                "{} bytes: {got:?}",
+                reply.len()
+            );
+            // The same bytes followed by the end of stream are the answer.
+            assert!(decode(wire, &reply).is_ok());
+        }
+    }
+
+    /// Bytes after a whole reply make it no reply, and a reply in pieces is
+    /// read whole; without the end of stream an unfinished one times out.
+    #[test]
+    fn trailing_bytes_are_refused_and_pieces_are_joined() {
+        let serve = |pieces: Vec<&'static [u8]>| {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let peer = thread::spawn(move || {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut msg = Vec::new();
+                s.read_to_end(&mut msg).unwrap();
+                for piece in pieces {
+                    s.write_all(piece).unwrap();
+                    s.flush().unwrap();
+                    thread::sleep(Duration::from_millis(20));
+                }
+            });
+            let c = config_for(BotAddr::Tcp(vec![addr]), 30_000, 0);
+            let got = exchange(&c, "s", "c");
+            peer.join().unwrap();
+            got
+        };
+        let r = serve(vec![br#"{"success":true,"message":"x"}}"#]);
+        assert!(matches!(r, Err(BotError::Invalid(_))), "{r:?}");
+        let r = serve(vec![br#"{"success":true,"message":"x"} {}"#]);
+        assert!(matches!(r, Err(BotError::Invalid(_))), "{r:?}");
+        let r = serve(vec![br#"{"success":true,"#, br#""message":"}"#, br#"x"}"#]);
+        assert_eq!(r.unwrap().message, "}x");
+        // A reply that fills the first read exactly, then the end of stream.
+        for len in [511, 512, 513, 1024] {
+            let head = br#"{"success":true,"message":""#.len() + br#""}"#.len();
+            let reply = format!(
+                r#"{{"success":true,"message":"{}"}}"#,
+                "m".repeat(len - head)
+            );
+            let r = serve(vec![reply.into_bytes().leak()]);
+            assert_eq!(r.unwrap().message.len(), len - head, "{len}");
+        }
+        // A pickle is whole at its STOP, and refused with bytes after it.
+        let reply = BotReply {
+            success: true,
+            message: "a.b.".into(),
+        };
+        let pickle = serde_pickle::to_vec(&reply, serde_pickle::SerOptions::new()).unwrap();
+        assert_eq!(decode(Wire::Pickle, &pickle).unwrap(), reply);
+        let trailing = [pickle.as_slice(), b"."].concat();
+        assert!(matches!(
+            decode(Wire::Pickle, &trailing),
+            Err(BotError::Invalid(_))
+        ));
+        for cut in 1..pickle.len() {
+            assert!(decode(Wire::Pickle, &pickle[..cut]).is_err(), "{cut}");
+        }
+        let (addr, hold, peer) = peer_holding_open(br#"{"success":true,"message":"x""#.to_vec());
+        let c = config_for(BotAddr::Tcp(vec![addr]), 300, 0);
+        let r = exchange(&c, "s", "c");
+        hold.send(()).unwrap();
+        peer.join().unwrap();
+        assert!(matches!(r, Err(BotError::Timeout)), "{r:?}");
+    }
+
+    /// A Unix bot whose accept backlog is full: the connect is tried again
+    /// until the deadline, never past it, and gets through once there is room.
+    #[test]
+    fn a_unix_bot_with_a_full_backlog() {
+        let dir = std::env::temp_dir().join(format!("tr-bot-backlog-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("bot.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        crate::sys::relisten(&listener, 0).unwrap();
+        let mut fillers = Vec::new();
+        while fillers.len() < 8 {
+            match crate::sys::start_connect_unix(&path) {
+                Ok(s) => fillers.push(s),
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+                    break;
+                }
+            }
+        }
+        assert!(fillers.len() < 8, "the backlog never filled");
+        let c = config_for(BotAddr::Unix(path.clone()), 300, 0);
+        let started = Instant::now();
+        let r = exchange(&c, "s", "c");
+        let took = started.elapsed();
+        assert!(matches!(r, Err(BotError::Timeout)), "{r:?}");
+        assert!(took >= Duration::from_millis(290), "{took:?}");
+        // Room made while the relay waits: the code gets through.
+        let c = config_for(BotAddr::Unix(path.clone()), 30_000, 0);
+        let r = thread::scope(|s| {
+            let relay = s.spawn(|| exchange(&c, "s", "c"));
+            for _ in 0..fillers.len() {
+                drop(listener.accept().unwrap());
+            }
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut msg = Vec::new();
+            conn.read_to_end(&mut msg).unwrap();
+            assert_eq!(msg, br#"{"state":"s","code":"c"}"#);
+            conn.write_all(br#"{"success":true,"message":"room"}"#)
+                .unwrap();
+            drop(conn);
+            relay.join().unwrap()
+        });
+        assert_eq!(r.unwrap().message, "room");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_json_message_is_serde_json_s_byte_for_byte() {
+        let every_ascii: String = (0u8..0x80).map(char::from).collect();
+        for text in [
+            "",
+            "plain-code_0123.xyz~",
+            "gAAAAABn==",
+            every_ascii.as_str(),
+            "ünï \u{7f} \u{2028} 😀 \"q\" \\ /",
+        ] {
+            for (state, code) in [(text, "c"), ("s", text), (text, text)] {
+                let serde = serde_json::to_vec(&Message { state, code }).unwrap();
+                assert_eq!(encode(Wire::Json, state, code), serde, "{text:?}");
+            }
+        }
     }
 }

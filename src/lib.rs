@@ -24,6 +24,7 @@ pub mod page;
 pub mod redirect;
 pub mod relay;
 pub mod replay;
+pub mod scan;
 pub mod server;
 pub mod sys;
 pub mod systemd;

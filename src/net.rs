@@ -161,6 +161,20 @@ impl Listener {
         }
     }
 
+    /// The next connection, blocking; a signal ends the wait with
+    /// `Interrupted` (see [`sys::interrupt`]).
+    pub fn accept_interruptible(&self) -> io::Result<Stream> {
+        let fd = sys::accept_interruptible(self)?;
+        Ok(match self {
+            Listener::Tcp(_) => {
+                let s = TcpStream::from(fd);
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }
+            Listener::Unix(..) => Stream::Unix(UnixStream::from(fd)),
+        })
+    }
+
     /// The next connection (blocking).
     pub fn accept(&self) -> io::Result<Stream> {
         match self {

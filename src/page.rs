@@ -66,12 +66,17 @@ pub struct Page {
     /// `None`: the built-in page, rendered directly (compiling a template
     /// costs a CGI start more than rendering it).
     env: Option<Environment<'static>>,
+    /// The built-in page cut at its tags, once: a request only copies.
+    pieces: Vec<Piece>,
 }
 
 impl Page {
     /// The page built into the program.
     pub fn built_in() -> Page {
-        Page { env: None }
+        Page {
+            env: None,
+            pieces: cut_built_in(),
+        }
     }
 
     /// Loads an organiser's template and renders it once with every kind
@@ -102,7 +107,10 @@ impl Page {
         let mut env = Environment::new();
         env.set_auto_escape_callback(|_| AutoEscape::Html);
         env.add_template_owned("page", source)?;
-        Ok(Page { env: Some(env) })
+        Ok(Page {
+            env: Some(env),
+            pieces: Vec::new(),
+        })
     }
 
     /// The full response for an outcome.
@@ -141,7 +149,7 @@ impl Page {
             status,
         } = view;
         let Some(env) = &self.env else {
-            return Ok(render_built_in(view));
+            return Ok(render_built_in(&self.pieces, view));
         };
         env.get_template("page")?.render(context! {
             ok => *ok,
@@ -154,15 +162,29 @@ impl Page {
     }
 }
 
-/// The built-in template rendered by hand, byte for byte what minijinja
-/// makes of it (a test holds the two together): each `{{ x }}` escaped as
-/// minijinja's HTML autoescape does, each `{% if %}` taken or not, and the
-/// file's final newline dropped.
-fn render_built_in(view: &View<'_>) -> String {
-    let mut out = String::with_capacity(BUILT_IN.len() + 2 * view.message.len() + 64);
+/// A piece of the built-in template: text, a `{{ x }}`, or a `{% … %}`.
+#[derive(Clone, Copy, Debug)]
+enum Piece {
+    Text(&'static str),
+    Title,
+    Message,
+    Hint,
+    /// A `{{ x }}` of another name: nothing.
+    Nothing,
+    IfOk,
+    IfHint,
+    IfRetry,
+    Else,
+    /// `endif`, or any other tag: what follows is shown.
+    End,
+}
+
+/// The built-in template cut at its tags: the text between them, each
+/// `{{ x }}` and each `{% if %}`, `{% else %}`, `{% endif %}`, the file's
+/// final newline dropped. A `{` that opens no tag is text.
+fn cut_built_in() -> Vec<Piece> {
+    let mut pieces = Vec::new();
     let mut rest = BUILT_IN.strip_suffix('\n').unwrap_or(BUILT_IN);
-    // Skipping the text of an `{% if %}` that is not taken.
-    let mut skipping = false;
     while let Some(open) = rest.find('{') {
         let tag = &rest[open..];
         let Some(end) = tag
@@ -171,55 +193,78 @@ fn render_built_in(view: &View<'_>) -> String {
             .or_else(|| tag.starts_with("{%").then(|| tag.find("%}")))
             .flatten()
         else {
-            if !skipping {
-                out.push_str(&rest[..=open]);
-            }
+            pieces.push(Piece::Text(&rest[..=open]));
             rest = &rest[open + 1..];
             continue;
         };
-        if !skipping {
-            out.push_str(&rest[..open]);
-        }
+        pieces.push(Piece::Text(&rest[..open]));
         let inner = tag[2..end].trim();
         rest = &tag[end + 2..];
-        if tag.starts_with("{{") {
-            if !skipping {
-                match inner {
-                    "title" => escape_into(&mut out, view.title),
-                    "message" => escape_into(&mut out, &view.message),
-                    "hint" => escape_into(&mut out, view.hint.unwrap_or("")),
-                    _ => {}
-                }
+        pieces.push(if tag.starts_with("{{") {
+            match inner {
+                "title" => Piece::Title,
+                "message" => Piece::Message,
+                "hint" => Piece::Hint,
+                _ => Piece::Nothing,
             }
-            continue;
-        }
-        skipping = match inner {
-            "if ok" => !view.ok,
-            "if hint" => view.hint.is_none_or(str::is_empty),
-            "if retry" => !view.retry,
-            "else" => !skipping,
-            _ => false, // endif
-        };
+        } else {
+            match inner {
+                "if ok" => Piece::IfOk,
+                "if hint" => Piece::IfHint,
+                "if retry" => Piece::IfRetry,
+                "else" => Piece::Else,
+                _ => Piece::End,
+            }
+        });
     }
-    if !skipping {
-        out.push_str(rest);
+    pieces.push(Piece::Text(rest));
+    pieces.retain(|p| !matches!(p, Piece::Text("")));
+    pieces
+}
+
+/// The built-in template rendered by hand, byte for byte what minijinja
+/// makes of it (a test holds the two together): each `{{ x }}` escaped as
+/// minijinja's HTML autoescape does, each `{% if %}` taken or not.
+fn render_built_in(pieces: &[Piece], view: &View<'_>) -> String {
+    let mut out = String::with_capacity(BUILT_IN.len() + 2 * view.message.len() + 64);
+    // Skipping the text of an `{% if %}` that is not taken.
+    let mut skipping = false;
+    for piece in pieces {
+        match *piece {
+            Piece::Text(text) if !skipping => out.push_str(text),
+            Piece::Title if !skipping => escape_into(&mut out, view.title),
+            Piece::Message if !skipping => escape_into(&mut out, &view.message),
+            Piece::Hint if !skipping => escape_into(&mut out, view.hint.unwrap_or("")),
+            Piece::Text(_) | Piece::Title | Piece::Message | Piece::Hint | Piece::Nothing => {}
+            Piece::IfOk => skipping = !view.ok,
+            Piece::IfHint => skipping = view.hint.is_none_or(str::is_empty),
+            Piece::IfRetry => skipping = !view.retry,
+            Piece::Else => skipping = !skipping,
+            Piece::End => skipping = false,
+        }
     }
     out
 }
 
-/// minijinja's HTML escaping.
+/// minijinja's HTML autoescape, into `out`: runs of plain text are
+/// copied whole.
 fn escape_into(out: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#x27;"),
-            '/' => out.push_str("&#x2f;"),
-            c => out.push(c),
-        }
+    let mut plain = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let entity = match b {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'"' => "&quot;",
+            b'\'' => "&#x27;",
+            b'/' => "&#x2f;",
+            _ => continue,
+        };
+        out.push_str(&s[plain..i]);
+        out.push_str(entity);
+        plain = i + 1;
     }
+    out.push_str(&s[plain..]);
 }
 
 fn plain_fallback(title: &str, message: &str) -> String {
@@ -393,6 +438,61 @@ mod tests {
             assert!(!b.contains(external), "{external}");
         }
         assert!(b.contains("name=\"viewport\""));
+    }
+
+    /// The palette's value of `--name` in the first rule of `css`.
+    fn colour(css: &str, name: &str) -> [f64; 3] {
+        let at = css.find(&format!("{name}: #")).unwrap() + name.len() + 3;
+        let hex: String = css[at..]
+            .chars()
+            .take_while(char::is_ascii_hexdigit)
+            .collect();
+        let hex = match hex.len() {
+            3 => hex.chars().flat_map(|c| [c, c]).collect(),
+            6 => hex,
+            _ => panic!("{name}: #{hex}"),
+        };
+        let channel = |i: usize| f64::from(u8::from_str_radix(&hex[i..i + 2], 16).unwrap()) / 255.0;
+        [channel(0), channel(2), channel(4)]
+    }
+
+    /// WCAG 2 contrast ratio of two sRGB colours.
+    fn contrast(a: [f64; 3], b: [f64; 3]) -> f64 {
+        let luminance = |c: [f64; 3]| {
+            let lin = |v: f64| {
+                if v <= 0.03928 {
+                    v / 12.92
+                } else {
+                    ((v + 0.055) / 1.055).powf(2.4)
+                }
+            };
+            0.2126 * lin(c[0]) + 0.7152 * lin(c[1]) + 0.0722 * lin(c[2])
+        };
+        let (la, lb) = (luminance(a), luminance(b));
+        (la.max(lb) + 0.05) / (la.min(lb) + 0.05)
+    }
+
+    /// The browser test audits the rendered page; this holds the palette
+    /// to WCAG AA (4.5:1 for text) where no browser runs.
+    #[test]
+    fn every_text_colour_stands_out_light_and_dark() {
+        let light = &BUILT_IN[BUILT_IN.find(":root {").unwrap()..];
+        let dark = &BUILT_IN[BUILT_IN.find("prefers-color-scheme: dark").unwrap()..];
+        let pairs = [
+            ("--text", "--bg"),
+            ("--text", "--card"),
+            ("--muted", "--card"),
+            ("--on-link", "--link"),
+        ];
+        for (scheme, css) in [("light", light), ("dark", dark)] {
+            for (fg, bg) in pairs {
+                let ratio = contrast(colour(css, fg), colour(css, bg));
+                assert!(ratio >= 4.5, "{scheme}: {fg} on {bg} is {ratio:.2}:1");
+            }
+        }
+        // The formula, on the figure axe-core gave for the old dark button
+        // (white on --link: 2.41:1, truncated).
+        assert!((contrast([1.0; 3], colour(dark, "--link")) - 2.415).abs() < 0.005);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 use std::fmt;
 
 use crate::http::Request;
+use crate::scan;
 
 /// Longest single value accepted, decoded. Real codes are about 1 KB and
 /// states about 140 bytes.
@@ -153,23 +154,32 @@ struct Fields {
 /// token's padding, is kept as it is.
 pub fn decode(raw: &[u8]) -> Result<String, RequestError> {
     let mut out = Vec::with_capacity(raw.len());
+    // Runs without `+` or `%` (a whole code, usually) are copied at once.
+    let mut plain = 0;
     let mut i = 0;
+    let special = |b: u8| b == b'+' || b == b'%';
+    let any = |w: u64| scan::has_byte(w, b'+') | scan::has_byte(w, b'%');
     while i < raw.len() {
-        match raw[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hi = raw.get(i + 1).and_then(|&b| hex(b));
-                let lo = raw.get(i + 2).and_then(|&b| hex(b));
-                match (hi, lo) {
-                    (Some(hi), Some(lo)) => out.push(hi << 4 | lo),
-                    _ => return Err(RequestError::BadEncoding),
-                }
-                i += 2;
-            }
-            b => out.push(b),
+        i += scan::first(&raw[i..], any, special);
+        if i == raw.len() {
+            break;
         }
-        i += 1;
+        out.extend_from_slice(&raw[plain..i]);
+        if raw[i] == b'+' {
+            out.push(b' ');
+            i += 1;
+        } else {
+            let hi = raw.get(i + 1).and_then(|&b| hex(b));
+            let lo = raw.get(i + 2).and_then(|&b| hex(b));
+            match (hi, lo) {
+                (Some(hi), Some(lo)) => out.push(hi << 4 | lo),
+                _ => return Err(RequestError::BadEncoding),
+            }
+            i += 3;
+        }
+        plain = i;
     }
+    out.extend_from_slice(&raw[plain..]);
     String::from_utf8(out).map_err(|_| RequestError::BadEncoding)
 }
 
@@ -332,5 +342,44 @@ mod tests {
         assert_eq!(parse(&req), authorized("c", "s"));
         req.path_info = b"/x".to_vec();
         assert_eq!(parse(&req), Err(RequestError::NotFound));
+    }
+
+    /// The byte-at-a-time decoder this one replaced, as the reference.
+    fn decode_bytewise(raw: &[u8]) -> Result<String, RequestError> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < raw.len() {
+            match raw[i] {
+                b'+' => out.push(b' '),
+                b'%' => match (
+                    raw.get(i + 1).and_then(|&b| hex(b)),
+                    raw.get(i + 2).and_then(|&b| hex(b)),
+                ) {
+                    (Some(hi), Some(lo)) => {
+                        out.push(hi << 4 | lo);
+                        i += 2;
+                    }
+                    _ => return Err(RequestError::BadEncoding),
+                },
+                b => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8(out).map_err(|_| RequestError::BadEncoding)
+    }
+
+    #[test]
+    fn decoding_runs_at_once_is_decoding_byte_by_byte() {
+        let pieces: [&[u8]; 12] = [
+            b"", b"a", b"+", b"%", b"%4", b"%41", b"%zz", b"%c3", b"%A9", b"=", b"\xff", b"~-_.",
+        ];
+        for a in pieces {
+            for b in pieces {
+                for c in pieces {
+                    let raw = [a, b, c].concat();
+                    assert_eq!(decode(&raw), decode_bytewise(&raw), "{raw:?}");
+                }
+            }
+        }
     }
 }

@@ -307,6 +307,10 @@ fn victims(slots: &[Slot], now: u64, ttl: Duration) -> Vec<usize> {
     order
 }
 
+/// How long a failed delivery answers the repeats of its code that come
+/// after it, before one tries again.
+pub const FAILURE_HOLD: Duration = Duration::from_secs(2);
+
 /// What a request does with the entry it found for its code, holding the
 /// entry's lock. `asked` is when the request began.
 #[derive(Debug, PartialEq, Eq)]
@@ -326,9 +330,15 @@ fn verdict(slot: &Slot, now: u64, ttl: Duration, asked: u64) -> Verdict {
         // The lock is free, so whoever began this delivery is gone.
         Entry::Delivering if fresh => Verdict::Unconfirmed,
         // A failure that ended while this request waited: the bot may hold
-        // the code, so answer as that delivery did. One from before this
-        // request began (a reload after a 504) tries again.
-        Entry::Failed(kind) if slot.at >= asked => Verdict::Fail(*kind),
+        // the code, so answer as that delivery did. So does one that ended
+        // just before: a process that serves one connection at a time reads
+        // each queued repeat only after the previous one failed. A reload
+        // after a 504 page (seconds later) tries again.
+        Entry::Failed(kind)
+            if slot.at >= asked || now.saturating_sub(slot.at) < nanos(FAILURE_HOLD) =>
+        {
+            Verdict::Fail(*kind)
+        }
         _ => Verdict::Deliver,
     }
 }
@@ -1511,8 +1521,12 @@ mod tests {
             FailureKind::TooLarge,
         ] {
             assert_eq!(v(now, Entry::Failed(kind)), Verdict::Fail(kind));
-            // One from before this request (a reload after it) tries again.
-            assert_eq!(v(before, Entry::Failed(kind)), Verdict::Deliver);
+            // One that ended just before this request began (a repeat
+            // queued behind it) answers it too.
+            assert_eq!(v(before, Entry::Failed(kind)), Verdict::Fail(kind));
+            // One from well before (a reload after its page) tries again.
+            let reload = now - nanos(FAILURE_HOLD) - 1;
+            assert_eq!(v(reload, Entry::Failed(kind)), Verdict::Deliver);
         }
         assert_eq!(v(now, Entry::Empty), Verdict::Deliver);
         // With a zero TTL, what happened while waiting still counts.
@@ -1726,7 +1740,11 @@ mod tests {
         assert!(table[HEADER..].iter().all(|&b| b == 0), "an entry was left");
         let r = store.deliver_once("c", WAIT, || Err(BotError::Timeout));
         assert!(matches!(r, Err(Undelivered::Bot(BotError::Timeout))));
-        // A reload after the failure tries again.
+        // A repeat right after the failure gets the same answer, unsent...
+        let r = store.deliver_once("c", WAIT, || panic!("sent again at once"));
+        assert!(matches!(r, Err(Undelivered::Bot(BotError::Timeout))));
+        // ...and a reload after the failure's page tries again.
+        thread::sleep(FAILURE_HOLD);
         let (_, d) = message(store.deliver_once("c", WAIT, || ok("now")));
         assert_eq!(d, Delivery::First);
         let _ = fs::remove_dir_all(&dir);

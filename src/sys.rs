@@ -567,6 +567,185 @@ pub fn relisten(socket: &impl AsFd, backlog: i32) -> io::Result<()> {
     }
 }
 
+// ---- The synchronous path (fd 0 and CGI). The bot exchange (bot.rs): a
+// non-blocking socket whose every wait is a `poll` bounded by the
+// exchange's deadline, so no per-socket timeout needs setting. The fd-0
+// loop (server/mod.rs): a blocking accept that a signal can end. ----
+
+/// Starts a TCP connection on a fresh non-blocking socket: when this
+/// returns the connection is made or under way (over loopback the
+/// handshake is done within the call). A refusal shows at the first send.
+pub fn start_connect_tcp(addr: &SocketAddr) -> io::Result<TcpStream> {
+    let (family, storage, len) = sockaddr_of(addr);
+    let flags = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe { libc::socket(family, flags, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: storage holds a valid sockaddr of length len; fd is open.
+    let rc = unsafe { libc::connect(fd, (&raw const storage).cast::<libc::sockaddr>(), len) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if !matches!(
+            err.raw_os_error(),
+            Some(libc::EINPROGRESS) | Some(libc::EINTR)
+        ) {
+            return Err(err);
+        }
+    }
+    Ok(TcpStream::from(owned))
+}
+
+/// Connects to a Unix socket on a fresh non-blocking socket. A Unix
+/// connect is made at once or not at all: while the peer's accept backlog
+/// is full it fails with `WouldBlock`, and the caller tries again.
+pub fn start_connect_unix(path: &Path) -> io::Result<UnixStream> {
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= sa.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in sa.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let flags = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+    // SAFETY: plain socket(2) call; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, flags, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    loop {
+        // SAFETY: sa is a valid sockaddr_un of length len; fd is open.
+        let rc = unsafe { libc::connect(fd, (&raw const sa).cast::<libc::sockaddr>(), len) };
+        if rc == 0 {
+            return Ok(UnixStream::from(owned));
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
+    }
+}
+
+/// Waits until `socket` is ready for `events` (`POLLIN`, `POLLOUT`), an
+/// error or hang-up included, or until `deadline`: the events that came
+/// (`revents`), or `None` if the deadline passed.
+pub fn wait_ready(
+    socket: &impl AsRawFd,
+    events: libc::c_short,
+    deadline: Instant,
+) -> io::Result<Option<libc::c_short>> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Ok(None);
+    }
+    let mut fds = [pollfd(socket, events)];
+    Ok((poll(&mut fds, Some(left))? > 0).then_some(fds[0].revents))
+}
+
+/// The signal that interrupts the fd-0 loop's blocking `accept` when a
+/// stop is asked for: handled by a no-op and without `SA_RESTART`, so the
+/// call it lands in fails with `EINTR`.
+pub fn interrupt_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+/// Installs the handler of [`interrupt_signal`] and unblocks it in the
+/// calling thread (a mask inherited from the web server could block it).
+pub fn install_interrupt_signal() -> io::Result<()> {
+    extern "C" fn ignore(_: libc::c_int) {}
+    // SAFETY: sigaction is plain data; all zeroes is a valid value.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = ignore as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: a valid sigset_t owned by this frame.
+    unsafe { libc::sigemptyset(&raw mut action.sa_mask) };
+    // SAFETY: a valid sigaction; the handler does nothing, so it is
+    // async-signal-safe.
+    if unsafe { libc::sigaction(interrupt_signal(), &raw const action, std::ptr::null_mut()) } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a valid sigset_t owned by this frame, filled below.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe {
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, interrupt_signal());
+    }
+    // SAFETY: a valid set; the old mask is not asked for.
+    let rc =
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &raw const set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// A thread that [`interrupt`] can reach.
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadId(libc::pthread_t);
+
+/// The calling thread.
+pub fn this_thread() -> ThreadId {
+    // SAFETY: pthread_self has no preconditions.
+    ThreadId(unsafe { libc::pthread_self() })
+}
+
+/// Sends [`interrupt_signal`] to `thread`, which must still be running
+/// (the process's main thread is, for as long as the process is).
+pub fn interrupt(thread: ThreadId) {
+    // SAFETY: the caller promises the thread is alive; a bad id only errors.
+    unsafe { libc::pthread_kill(thread.0, interrupt_signal()) };
+}
+
+/// Accepts a connection on `listener`, blocking; unlike std's accept it
+/// gives up on a signal (`Interrupted`) instead of trying again, so that
+/// [`interrupt`] can end the wait.
+pub fn accept_interruptible(listener: &impl AsRawFd) -> io::Result<OwnedFd> {
+    // SAFETY: a listening fd borrowed for the call; no address is asked for.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh connection that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits until `listener` has a connection to accept, for a listener a
+/// launcher made non-blocking. Unlike [`poll`] it is not resumed after a
+/// signal: [`interrupt_signal`] ends it with `Interrupted`, as it ends
+/// [`accept_interruptible`].
+pub fn wait_acceptable(listener: &impl AsRawFd) -> io::Result<()> {
+    let mut fds = [pollfd(listener, libc::POLLIN)];
+    // SAFETY: the pointer and length describe a valid, exclusively
+    // borrowed slice of one pollfd.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+// ---- end of the synchronous path's calls ----
+
 // ---------------------------------------------------------------------------
 // The event loop's system calls: accepting without blocking, and the
 // descriptor limit.

@@ -265,6 +265,44 @@ fn concurrent_repeats_across_two_fd0_processes_reach_the_bot_once() {
     }
 }
 
+/// One fd-0 process serves one connection at a time: repeats queued
+/// behind a delivery that timed out are read only after it failed, and
+/// get its 504 without the code going to the bot again.
+#[test]
+fn repeats_queued_behind_a_failed_delivery_in_one_fd0_process_are_not_sent() {
+    const N: usize = 4;
+    let store = private_dir("st");
+    let bot = Bot::start("json", "silent");
+    let env = relay_env(
+        bot.addr(),
+        store.path_str(),
+        &[("REGISTER_BOT_TIMEOUT", "1")],
+    );
+    let mut server = Fd0Server::start(&env);
+    let q = query("queued-behind-code");
+    let pages: Vec<HttpLike> = thread::scope(|s| {
+        let first = s.spawn(|| server.get(&q).http());
+        assert_eq!(
+            bot.wait_received(1, Duration::from_secs(5)).len(),
+            1,
+            "the first request never reached the bot"
+        );
+        let repeats: Vec<_> = (1..N).map(|_| s.spawn(|| server.get(&q).http())).collect();
+        let mut pages = vec![first.join().unwrap()];
+        pages.extend(repeats.into_iter().map(|h| h.join().unwrap()));
+        pages
+    });
+    for page in &pages {
+        assert_page(page, 504, false, TIMED_OUT);
+    }
+    assert_eq!(
+        codes(&bot),
+        ["queued-behind-code"],
+        "the code reached the bot again"
+    );
+    assert!(server.stop().success());
+}
+
 /// Four CGI processes started at once with the same code.
 #[test]
 fn concurrent_repeats_across_cgi_processes_reach_the_bot_once() {

@@ -190,6 +190,63 @@ fn sigterm_with_an_idle_keep_alive_connection_fd0_exits_promptly() {
     assert_eq!(codes(&bot), ["keep-code"]);
 }
 
+/// A launcher may hand over a non-blocking listening socket: the fd-0
+/// process then waits for connections all the same (no retry loop that
+/// logs while idle), answers each, and still stops at once.
+#[test]
+fn a_non_blocking_fd0_socket_is_waited_on_and_stopped() {
+    let store = private_dir("st");
+    let bot = Bot::start("json", "approve");
+    let mut server = Fd0Server::start_nonblocking(&[
+        ("REGISTER_BOT_ADDR", bot.addr()),
+        ("REGISTER_STATE_DIR", store.path_str()),
+    ]);
+    // Idle long enough for a retrying accept to have logged many times.
+    thread::sleep(Duration::from_millis(300));
+    for code in ["nb-one", "nb-two"] {
+        assert_approved(&server.get(&query(code)));
+    }
+    let status = server.stop_within(Duration::from_secs(2));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit status {status:?}"
+    );
+    let log = server.stderr_text();
+    assert!(!log.contains("accept failed"), "{log}");
+    assert_eq!(codes(&bot), ["nb-one", "nb-two"]);
+}
+
+/// Between connections an fd-0 process waits in a blocking accept, with
+/// nothing else to wake it: SIGTERM (and SIGINT, SIGUSR1) must end that
+/// wait, not the next connection. Several stops in a row, after one
+/// request and after none, at whatever point of the loop they land.
+#[test]
+fn a_stop_signal_ends_the_fd0_wait_for_a_connection() {
+    let store = private_dir("st");
+    let bot = Bot::start("json", "approve");
+    for (round, sig) in ["TERM", "INT", "USR1", "TERM"].into_iter().enumerate() {
+        let mut server = Fd0Server::start(&[
+            ("REGISTER_BOT_ADDR", bot.addr()),
+            ("REGISTER_STATE_DIR", store.path_str()),
+        ]);
+        if round % 2 == 0 {
+            assert_approved(&get(&server, &query(&format!("wait-{round}"))));
+        }
+        // Not a synchronisation: the process is waiting for a connection
+        // by now, or about to, and either way must stop.
+        thread::sleep(Duration::from_millis(100));
+        server.signal(sig);
+        let status = server.wait_within(Duration::from_secs(2));
+        assert!(
+            status.is_some(),
+            "fd-0 server still waiting 2 s after SIG{sig}; stderr:\n{}",
+            server.stderr_text()
+        );
+        assert_eq!(status.unwrap().code(), Some(0));
+    }
+    assert_eq!(codes(&bot), ["wait-0", "wait-2"]);
+}
+
 #[test]
 fn sigterm_with_an_idle_keep_alive_connection_listen_exits_promptly() {
     let store = private_dir("st");

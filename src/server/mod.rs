@@ -26,12 +26,12 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use log::info;
+use log::{info, warn};
 
 use crate::fastcgi;
 use crate::http::{Request, Response};
 use crate::limits::Limits;
-use crate::net::Listener;
+use crate::net::{Listener, Stream};
 use crate::relay::Relay;
 use crate::sys;
 use crate::systemd;
@@ -114,21 +114,31 @@ pub fn serve_serial(
     status: Arc<Status>,
 ) -> io::Result<()> {
     let stop = StopSignal::install()?;
+    // The wait for a connection is a plain blocking accept, with no poll
+    // beside it for the stop: the stop thread interrupts the accept with a
+    // signal instead, for as long as it goes on.
+    sys::install_interrupt_signal()?;
+    let accepting = Arc::new(AtomicBool::new(false));
     // The connection being served, by descriptor: a handle of its own (a
     // dup) would cost two system calls per connection. It is cleared,
     // under the lock, before the connection closes.
     let current: Arc<Mutex<Option<RawFd>>> = Arc::default();
     let watcher = stop.watcher()?;
-    let (watched, watched_status) = (current.clone(), status.clone());
+    let waiter = Waiter {
+        current: current.clone(),
+        accepting: accepting.clone(),
+        main: sys::this_thread(),
+        status: status.clone(),
+    };
     thread::Builder::new()
         .name("stop".into())
         .stack_size(64 * 1024)
-        .spawn(move || end_idle_on_stop(watcher, &watched, &watched_status))?;
+        .spawn(move || waiter.end_waits_on_stop(watcher))?;
     let handler = |req: &Request| status.handle(relay, req);
     let listening = listener.describe();
     info!("serving FastCGI on {listening}");
     let notify = systemd::notify_ready(&listening, &stop, status.clone());
-    while let Some(mut stream) = stop.next_connection(&listener)? {
+    while let Some(mut stream) = next_connection(&stop, &listener, &accepting)? {
         *lock(&current) = Some(stream.as_raw_fd());
         let _open = status.open.register();
         if let Err(e) = fastcgi::serve_connection(&mut stream, &handler, limits) {
@@ -142,27 +152,82 @@ pub fn serve_serial(
     Ok(())
 }
 
-/// Waits for a stop signal, then ends the current connection's reading
-/// side as soon as no request is in the pipeline. A web server that keeps
-/// an idle connection open (FCGI_KEEP_CONN) would otherwise hold the
-/// process until its idle deadline. Only reading is shut: an answer being
-/// written still goes out whole.
-fn end_idle_on_stop(
-    watcher: std::os::unix::net::UnixStream,
-    current: &Mutex<Option<RawFd>>,
-    status: &Status,
-) {
-    if stop::wait_for_stop(watcher).is_err() {
-        return;
-    }
+/// The next connection, or `None` once a stop was asked for. `accepting`
+/// is set while the accept may block, for the stop thread to interrupt.
+fn next_connection(
+    stop: &StopSignal,
+    listener: &Listener,
+    accepting: &AtomicBool,
+) -> io::Result<Option<Stream>> {
+    let mut pause = Duration::from_millis(10);
     loop {
-        if let Some(fd) = *lock(current)
-            && status.in_flight() == 0
-        {
-            // The lock is held: the connection is open (see serve_serial).
-            sys::shutdown_read(fd);
+        accepting.store(true, Ordering::SeqCst);
+        // Looked at after `accepting` is set: a stop that comes later
+        // finds it set, and interrupts the accept until it returns.
+        if stop.requested() {
+            accepting.store(false, Ordering::SeqCst);
+            return Ok(None);
         }
-        thread::sleep(Duration::from_millis(10));
+        let accepted = match listener.accept_interruptible() {
+            // A launcher may hand over a non-blocking socket (systemd's
+            // NonBlocking=yes): wait for a connection, interruptibly too.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                sys::wait_acceptable(listener).and(Err(io::ErrorKind::Interrupted.into()))
+            }
+            other => other,
+        };
+        accepting.store(false, Ordering::SeqCst);
+        match accepted {
+            Ok(stream) => return Ok(Some(stream)),
+            // Also after a wait for a non-blocking listener: accept again.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // Failures that pass (a client gone before accept, out of file
+            // descriptors for a moment); the growing pause keeps a lasting
+            // one from spinning a core or flooding the log.
+            Err(e) => {
+                warn!(
+                    "accept failed, trying again in {} ms: {e}",
+                    pause.as_millis()
+                );
+                thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// What the stop thread of the fd-0 loop needs to end its waits.
+struct Waiter {
+    current: Arc<Mutex<Option<RawFd>>>,
+    accepting: Arc<AtomicBool>,
+    main: sys::ThreadId,
+    status: Arc<Status>,
+}
+
+impl Waiter {
+    /// Waits for a stop signal, then interrupts the loop's accept while it
+    /// waits, and ends the current connection's reading side as soon as no
+    /// request is in the pipeline. A web server that keeps an idle
+    /// connection open (FCGI_KEEP_CONN) would otherwise hold the process
+    /// until its idle deadline. Only reading is shut: an answer being
+    /// written still goes out whole.
+    fn end_waits_on_stop(self, watcher: std::os::unix::net::UnixStream) {
+        if stop::wait_for_stop(watcher).is_err() {
+            return;
+        }
+        loop {
+            if self.accepting.load(Ordering::SeqCst) {
+                // The main thread lives as long as the process.
+                sys::interrupt(self.main);
+            }
+            if let Some(fd) = *lock(&self.current)
+                && self.status.in_flight() == 0
+            {
+                // The lock is held: the connection is open (see serve_serial).
+                sys::shutdown_read(fd);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

@@ -28,8 +28,11 @@
 //! - [`json`]: [`parse_json`] into serde_json's [`Json`] value.
 //! - [`apache`]: a private Apache and a small HTTP/1.1 client.
 //! - [`nginx`]: a private nginx in front of a relay, with the shipped snippet.
+//! - [`axe`]: axe-core, the accessibility rules the browser test runs in
+//!   each page.
 
 pub mod apache;
+pub mod axe;
 pub mod bot;
 pub mod cgi;
 pub mod fcgi;

@@ -350,6 +350,20 @@ impl Fd0Server {
         Fd0Server(Server::spawn(dir, Endpoint::Unix(path), &[], env, stdin))
     }
 
+    /// As [`Fd0Server::start`], with the listening socket made non-blocking
+    /// first, as a launcher may hand it over (systemd's `NonBlocking=yes`).
+    pub fn start_nonblocking(env: &[(&str, &str)]) -> Fd0Server {
+        let dir = TempDir::new("fd0");
+        let path = dir.join("fcgi.sock");
+        let listener =
+            UnixListener::bind(&path).unwrap_or_else(|e| panic!("binding {}: {e}", path.display()));
+        listener
+            .set_nonblocking(true)
+            .expect("O_NONBLOCK on the listener");
+        let stdin = Stdio::from(OwnedFd::from(listener));
+        Fd0Server(Server::spawn(dir, Endpoint::Unix(path), &[], env, stdin))
+    }
+
     /// A TCP socket on 127.0.0.1 (spawn-fcgi style).
     pub fn start_tcp(env: &[(&str, &str)]) -> Fd0Server {
         let dir = TempDir::new("fd0");
