@@ -81,8 +81,10 @@ pub struct Config {
     /// How many codes the replay store keeps at most; its size on disk
     /// follows from it.
     pub replay_max: usize,
-    /// Cap on concurrent connections in `--listen` mode.
-    pub max_conns: usize,
+    /// Cap on concurrent connections in `--listen` mode; `None`: as many
+    /// as the limit on open files allows, up to
+    /// [`crate::limits::DEFAULT_MAX_CONNS`].
+    pub max_conns: Option<usize>,
     /// Bound on a web server's FastCGI request, on the wait between its
     /// requests and on each write, so a server that stalls or trickles
     /// cannot pin a thread.
@@ -174,9 +176,9 @@ impl Config {
             },
         };
         let max_conns = match get("REGISTER_MAX_CONNS") {
-            None => 256,
+            None => None,
             Some(v) => match v.trim().parse::<usize>() {
-                Ok(n) if (1..=10_000).contains(&n) => n,
+                Ok(n) if (1..=10_000).contains(&n) => Some(n),
                 _ => {
                     return Err(ConfigError {
                         var: "REGISTER_MAX_CONNS",
@@ -301,7 +303,7 @@ mod tests {
         assert_eq!(c.template, None);
         assert_eq!(c.replay_ttl, Duration::from_secs(600));
         assert!(c.state_dir.unwrap().starts_with(std::env::temp_dir()));
-        assert_eq!(c.max_conns, 256);
+        assert_eq!(c.max_conns, None);
         assert_eq!(c.replay_max, 100_000);
         assert_eq!(c.fcgi_timeout, Duration::from_secs(30));
     }
@@ -325,7 +327,7 @@ mod tests {
         assert_eq!(c.wire, Wire::Pickle);
         assert_eq!(c.template, Some(PathBuf::from("/etc/page.html")));
         assert_eq!(c.state_dir, None);
-        assert_eq!(c.max_conns, 8);
+        assert_eq!(c.max_conns, Some(8));
         assert_eq!(c.replay_max, 64);
         let c = cfg(&[("REGISTER_BOT_ADDR", "localhost:9")]).unwrap();
         assert!(matches!(c.bot_addr, BotAddr::Tcp(ref a) if a.iter().all(|a| a.port() == 9)));

@@ -4,7 +4,7 @@
 //!
 //! The request pipeline ([`relay`]) is plain functions over plain types
 //! ([`http`], [`outcome`]); the transports ([`cgi`], [`fastcgi`] with
-//! [`server`]) are thin adapters around it. System calls live in [`sys`],
+//! [`server`] and, for `--listen`, [`event`]) are thin adapters around it. System calls live in [`sys`],
 //! the only module allowed `unsafe`.
 
 #![deny(unsafe_code)]
@@ -13,6 +13,7 @@
 pub mod bot;
 pub mod cgi;
 pub mod config;
+pub mod event;
 pub mod fastcgi;
 pub mod fingerprint;
 pub mod http;

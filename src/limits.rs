@@ -5,12 +5,22 @@ use std::time::Duration;
 
 use crate::config::Config;
 
+/// The connection cap when `REGISTER_MAX_CONNS` is not set and the limit
+/// on open files allows it: far more than a sign-up burst brings at once.
+pub const DEFAULT_MAX_CONNS: usize = 4096;
+/// Descriptors a connection may hold: the web server's and the bot's.
+pub const DESCRIPTORS_PER_CONN: u64 = 2;
+/// Descriptors kept for all else: the listener, the poll, the stop
+/// signal's sockets, the replay store, the log, the service manager's
+/// socket.
+pub const DESCRIPTORS_SPARE: u64 = 64;
+
 /// The bounds on FastCGI connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Concurrent connections with `--listen` (`REGISTER_MAX_CONNS`),
     /// also reported as `FCGI_MAX_CONNS` and `FCGI_MAX_REQS`. Enforced by
-    /// [`crate::server::pool`]: past it a connection is answered
+    /// [`crate::event`]: past it a connection is answered
     /// "overloaded".
     pub max_conns: usize,
     /// Total PARAMS payload of one request; past it the request is
@@ -33,14 +43,14 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Connections being turned away at once, past [`Limits::max_conns`];
     /// past both, a connection is closed unanswered. Enforced by
-    /// [`crate::server::pool`].
+    /// [`crate::event`].
     pub max_turning_away: usize,
     /// How long a turned-away connection may take to send its first
-    /// record header. Enforced by [`crate::server::pool`].
+    /// record header. Enforced by [`crate::event`].
     pub turn_away_timeout: Duration,
     /// How long a stop waits for requests in flight: a full retry window
     /// and a full exchange with the bot, plus a margin for writing the
-    /// answer. Enforced by [`crate::server::pool`].
+    /// answer. Enforced by [`crate::event`].
     pub stop_grace: Duration,
 }
 
@@ -64,12 +74,63 @@ impl Limits {
     /// The limits the settings ask for.
     pub fn from_config(config: &Config) -> Limits {
         Limits {
-            max_conns: config.max_conns,
+            max_conns: config.max_conns.unwrap_or(DEFAULT_MAX_CONNS),
             request_timeout: config.fcgi_timeout,
             idle_timeout: config.fcgi_timeout,
             write_timeout: config.fcgi_timeout,
             stop_grace: config.bot_retry + config.bot_timeout + Duration::from_secs(1),
             ..Limits::default()
         }
+    }
+
+    /// How many descriptors serving at these limits may hold at once.
+    pub fn descriptors(&self) -> u64 {
+        DESCRIPTORS_PER_CONN * self.max_conns as u64
+            + self.max_turning_away as u64
+            + DESCRIPTORS_SPARE
+    }
+
+    /// These limits with the connection cap lowered, if need be, so that
+    /// serving never holds more than `available` descriptors (a cap of at
+    /// least one connection all the same).
+    pub fn within_descriptors(self, available: u64) -> Limits {
+        let room = available.saturating_sub(self.max_turning_away as u64 + DESCRIPTORS_SPARE)
+            / DESCRIPTORS_PER_CONN;
+        Limits {
+            max_conns: self
+                .max_conns
+                .min(usize::try_from(room).unwrap_or(usize::MAX))
+                .max(1),
+            ..self
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_fits_the_descriptors_it_may_use() {
+        let wanted = Limits {
+            max_conns: DEFAULT_MAX_CONNS,
+            ..Limits::default()
+        };
+        // systemd's soft limit, before the process raises it.
+        let at_1024 = wanted.within_descriptors(1024);
+        assert_eq!(at_1024.max_conns, (1024 - 64 - 64) / 2);
+        assert!(at_1024.descriptors() <= 1024);
+        // Raised to what the default needs: the default whole.
+        let raised = wanted.within_descriptors(wanted.descriptors());
+        assert_eq!(raised, wanted);
+        assert_eq!(wanted.within_descriptors(1 << 20), wanted);
+        // A limit too small for anything still serves one.
+        assert_eq!(wanted.within_descriptors(10).max_conns, 1);
+        // 2,000 at once need about 4,000 descriptors.
+        let burst = Limits {
+            max_conns: 2000,
+            ..Limits::default()
+        };
+        assert_eq!(burst.descriptors(), 4000 + 64 + 64);
     }
 }

@@ -43,7 +43,7 @@ Settings (environment):
   REGISTER_REPLAY_TTL    seconds a code's answer is replayed      [600]
   REGISTER_STATE_DIR     replay store directory, or off           [$TMPDIR/tourney-register-UID]
   REGISTER_REPLAY_MAX    codes the replay store keeps at most     [100000]
-  REGISTER_MAX_CONNS     --listen connection cap                  [256]
+  REGISTER_MAX_CONNS     --listen connection cap                  [4096, or the files limit's]
   REGISTER_FCGI_TIMEOUT  seconds per request or idle connection   [30]
   RUST_LOG               log filter (stderr)                      [info]
 ";
@@ -190,6 +190,7 @@ fn run(args: impl Iterator<Item = String>) -> Result<(), Failure> {
         Socket::Listen(addr) => {
             let listener =
                 Listener::bind(&addr).map_err(|error| Failure::Listen { addr, error })?;
+            tourney_register::event::deepen_backlog(&listener);
             serve_concurrently(relay, listener, &limits, status)
         }
         Socket::Activated(PassedSocket { listener, name }) => {
@@ -209,11 +210,9 @@ fn serve_concurrently(
     limits: &Limits,
     status: Arc<Status>,
 ) -> std::io::Result<()> {
-    // Few arenas: the pipeline allocates little, and each connection
-    // thread's own arena would hold on to its memory.
-    sys::limit_malloc_arenas(2);
     relay.start_housekeeping();
-    server::serve_pool(Arc::new(relay), listener, limits, status)
+    let limits = tourney_register::event::fit_descriptor_limit(*limits);
+    server::serve_events(&relay, listener, &limits, status)
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Mode>, String> {

@@ -2,7 +2,7 @@
 //! replay its answer), render, log one line. Transports call
 //! [`Relay::handle`] and send what it returns.
 
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use log::info;
 
@@ -13,7 +13,7 @@ use crate::http::{Request, Response};
 use crate::outcome::Outcome;
 use crate::page::{Page, TemplateError};
 use crate::redirect::{self, Redirect};
-use crate::replay::{Delivery, OpenError, Store, Undelivered};
+use crate::replay::{Begin, Busy, Delivery, OpenError, Store, Ticket, Undelivered};
 
 /// Everything a request needs, built once at start and shared by all
 /// threads.
@@ -125,35 +125,139 @@ impl Relay {
     where
         F: FnOnce(&str, &str) -> Result<BotReply, BotError>,
     {
+        let signup = match self.admit_outcome(req) {
+            Ok(signup) => signup,
+            Err((outcome, code)) => return (outcome, code),
+        };
+        let result = match &self.store {
+            Some(store) => store.deliver_once(&signup.code, self.config.bot_timeout, || {
+                deliver(&signup.state, &signup.code)
+            }),
+            None => deliver(&signup.state, &signup.code)
+                .map(|reply| (reply, Delivery::First))
+                .map_err(Undelivered::Bot),
+        };
+        (self.outcome_of(&signup, result), Some(signup.code))
+    }
+
+    /// The request's code and state, or what to answer without the bot.
+    fn admit_outcome(&self, req: &Request) -> Result<Signup, (Outcome, Option<String>)> {
         let (code, state) = match redirect::parse(req) {
-            Err(e) => return (Outcome::Rejected(e), None),
+            Err(e) => return Err((Outcome::Rejected(e), None)),
             Ok(Redirect::Denied { error, description }) => {
-                return (Outcome::Denied { error, description }, None);
+                return Err((Outcome::Denied { error, description }, None));
             }
             Ok(Redirect::Authorized { code, state }) => (code, state),
         };
         // A HEAD (a link checker, a preview) must not spend the code.
         if req.is_head() {
-            return (Outcome::Probed, Some(code));
+            return Err((Outcome::Probed, Some(code)));
         }
-        let result = match &self.store {
-            Some(store) => {
-                store.deliver_once(&code, self.config.bot_timeout, || deliver(&state, &code))
-            }
-            None => deliver(&state, &code)
-                .map(|reply| (reply, Delivery::First))
-                .map_err(Undelivered::Bot),
-        };
-        let outcome = match result {
+        Ok(Signup {
+            code,
+            state,
+            started: Instant::now(),
+            asked: SystemTime::now(),
+        })
+    }
+
+    fn outcome_of(
+        &self,
+        signup: &Signup,
+        result: Result<(BotReply, Delivery), Undelivered>,
+    ) -> Outcome {
+        match result {
             Ok((reply, delivery)) => Outcome::Answered { reply, delivery },
             Err(Undelivered::Bot(e)) => {
-                log::warn!("code={}: {e}", fingerprint(&code));
+                log::warn!("code={}: {e}", fingerprint(&signup.code));
                 Outcome::BotFailed(e.kind())
             }
             Err(Undelivered::Unconfirmed) => Outcome::Unconfirmed,
-        };
-        (outcome, Some(code))
+        }
     }
+
+    // The same pipeline in steps, for a driver that never blocks (the
+    // event loop): admit, claim (again while busy), exchange with the
+    // bot itself, conclude.
+
+    /// Reads a request: the answer when it needs no bot, or the sign-up
+    /// whose code is to be delivered.
+    pub fn admit(&self, req: &Request) -> Admission {
+        let started = Instant::now();
+        match self.admit_outcome(req) {
+            Ok(signup) => Admission::Signup(signup),
+            Err((outcome, code)) => {
+                Admission::Answered(answer(&self.page, &outcome, started, code.as_deref()))
+            }
+        }
+    }
+
+    /// Claims the sign-up's code in the replay store without waiting.
+    pub fn claim(&self, signup: &Signup) -> Claimed {
+        let Some(store) = &self.store else {
+            return Claimed::Deliver(None);
+        };
+        match store.begin(&signup.code, signup.asked) {
+            Begin::Done(result) => Claimed::Done(result),
+            Begin::Deliver(ticket) => Claimed::Deliver(Some(ticket)),
+            Begin::Busy(busy) => Claimed::Busy(busy),
+        }
+    }
+
+    /// The message that carries the sign-up's code to the bot.
+    pub fn message(&self, signup: &Signup) -> Vec<u8> {
+        bot::encode(self.config.wire, &signup.state, &signup.code)
+    }
+
+    /// The answer to a sign-up, logged like every other.
+    pub fn conclude(
+        &self,
+        signup: Signup,
+        result: Result<(BotReply, Delivery), Undelivered>,
+    ) -> Response {
+        let outcome = self.outcome_of(&signup, result);
+        answer(&self.page, &outcome, signup.started, Some(&signup.code))
+    }
+}
+
+/// A request whose code is to reach the bot. Its `Debug` shows neither
+/// the code nor the state.
+pub struct Signup {
+    code: String,
+    state: String,
+    started: Instant,
+    /// When it was asked, for the replay store.
+    asked: SystemTime,
+}
+
+impl std::fmt::Debug for Signup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Signup(code={})", fingerprint(&self.code))
+    }
+}
+
+/// What [`Relay::admit`] made of a request.
+#[derive(Debug)]
+pub enum Admission {
+    /// Answered without the bot (a bad request, a cancel, a HEAD).
+    Answered(Response),
+    /// A code to deliver.
+    Signup(Signup),
+}
+
+/// What [`Relay::claim`] found.
+#[derive(Debug)]
+pub enum Claimed {
+    /// Answered from the replay store: a replay, or a delivery that
+    /// cannot be confirmed.
+    Done(Result<(BotReply, Delivery), Undelivered>),
+    /// This request delivers the code; the ticket (none without a store)
+    /// keeps the outcome.
+    Deliver(Option<Ticket>),
+    /// Someone else holds the code's entry (a delivery in flight), or its
+    /// bucket: try again shortly; past the request's deadline,
+    /// [`Busy::given_up`] is the answer.
+    Busy(Busy),
 }
 
 /// The response for `outcome`, and its one log line: outcome, status,

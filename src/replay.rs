@@ -78,6 +78,12 @@ const VERSION: u32 = 1;
 const LOCKS: u64 = 1 << 50;
 const HEADER_LOCK: u64 = LOCKS - 1;
 
+/// How long a claim that found its code busy first waits before looking
+/// again; the wait doubles up to [`BUSY_PAUSE_MAX`].
+pub const BUSY_PAUSE: Duration = Duration::from_millis(1);
+/// See [`BUSY_PAUSE`].
+pub const BUSY_PAUSE_MAX: Duration = Duration::from_millis(20);
+
 /// One lap of housekeeping over the whole table takes the TTL, within
 /// these bounds: an expired entry is zeroed at most one lap after it
 /// expired, once steps run (every [`STEP_EVERY`] in the long-running
@@ -359,20 +365,143 @@ fn final_answer(
     }
 }
 
-/// How a request goes on after looking its code up.
-enum Claim<'a> {
+/// What [`Store::begin`] found for a code.
+#[derive(Debug)]
+pub enum Begin {
+    /// Answered from the store: a replay, the failure of a delivery this
+    /// request waited for, or an intent whose process died
+    /// ([`Undelivered::Unconfirmed`]).
+    Done(Result<(BotReply, Delivery), Undelivered>),
+    /// This request delivers the code: the ticket holds its entry, with
+    /// the intent written, until [`Ticket::finish`] keeps the outcome.
+    Deliver(Ticket),
+    /// The code's entry, or its bucket, is held by someone else right now
+    /// (a delivery in flight, in this process or another): try again in a
+    /// few milliseconds, and at the request's deadline answer
+    /// [`Busy::given_up`].
+    Busy(Busy),
+}
+
+/// What a claim is waiting for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Busy {
+    kind: BusyKind,
+    /// The lock byte to wait on, when there is one.
+    byte: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BusyKind {
+    /// The bucket's lock (held for microseconds at a time).
+    Bucket,
+    /// A delivery of this very code.
+    InFlight,
+    /// Every slot of the bucket is in a delivery of some code.
+    NoRoom,
+}
+
+impl Busy {
+    /// The answer to a request still busy at its deadline. A delivery of
+    /// the code that is still in flight: 504 (sending the code again
+    /// would only make the bot refuse it). No entry to be had: the code
+    /// was not sent, the player may try again (503).
+    pub fn given_up(self) -> Undelivered {
+        match self.kind {
+            BusyKind::InFlight => Undelivered::Bot(BotError::Timeout),
+            BusyKind::Bucket | BusyKind::NoRoom => {
+                warn!(
+                    "replay store: no entry for this code came free within the wait \
+                     (its bucket busy with deliveries); the code was not sent"
+                );
+                Undelivered::Bot(BotError::Unavailable(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "every replay slot of this code's bucket was in a delivery",
+                )))
+            }
+        }
+    }
+}
+
+/// The right to deliver one code: its entry's lock, with the intent to
+/// deliver written. [`Ticket::finish`] keeps the outcome; a ticket dropped
+/// without it (a connection gone mid-delivery) lets the lock go and leaves
+/// the intent, so a repeat of the code is told it is unconfirmed, exactly
+/// as after a crash.
+pub struct Ticket {
+    inner: Arc<Inner>,
+    /// The lock byte and the slot's offset; `None` when the store failed
+    /// and the delivery goes without duplicate protection.
+    held: Option<(u64, u64)>,
+    hash: [u8; 32],
+}
+
+impl fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Ticket(protected={})", self.held.is_some())
+    }
+}
+
+impl Ticket {
+    /// Keeps the delivery's outcome for repeats of the code: the answer,
+    /// a failure's kind, or nothing for a refused connection (the code
+    /// never left); then lets the entry go.
+    pub fn finish(self, result: &Result<BotReply, BotError>) {
+        let Some((_, offset)) = self.held else {
+            return;
+        };
+        let entry = match result {
+            Ok(reply) => Some(Entry::Answered(reply.clone())),
+            // A refused connection never carried the code: nothing to keep.
+            Err(BotError::Unavailable(_)) => None,
+            Err(e) => Some(Entry::Failed(e.kind())),
+        };
+        let slot = match entry {
+            Some(entry) => Slot {
+                hash: self.hash,
+                at: now_nanos(),
+                holder: self.inner.pid,
+                entry,
+            },
+            None => EMPTY,
+        };
+        if let Err(e) = self.inner.write_slot(offset, &slot) {
+            warn!(
+                "replay store: cannot keep the outcome, a repeat of this code may be told it is unconfirmed: {e}"
+            );
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some((byte, _)) = self.held {
+            let _ = sys::unlock_byte(&self.inner.file, byte);
+            self.inner.release(byte);
+        }
+    }
+}
+
+/// One look at a code's bucket, waiting for nothing.
+enum Attempt<'a> {
     Done(Result<(BotReply, Delivery), Undelivered>),
     /// This request delivers; the guard holds the slot with its intent.
     Deliver(Locked<'a>, u64),
-    /// Every slot of the bucket stayed in the middle of a delivery until
-    /// the deadline.
-    NoRoom,
+    Busy(Busy),
 }
 
 /// A lock byte held by this thread: released (and waiters woken) on drop.
 struct Locked<'a> {
     inner: &'a Inner,
     byte: u64,
+}
+
+impl Locked<'_> {
+    /// The byte, whose release is now the caller's (a [`Ticket`]'s).
+    fn into_byte(self) -> u64 {
+        let byte = self.byte;
+        std::mem::forget(self);
+        byte
+    }
 }
 
 impl Drop for Locked<'_> {
@@ -497,7 +626,8 @@ impl Store {
     /// Delivers `code` through `deliver` unless this code was answered
     /// within the TTL, or is being answered right now, in which case the
     /// first answer is returned. `wait` bounds how long a repeat waits for
-    /// the one in flight.
+    /// the one in flight. The blocking modes' way; [`Store::begin`] is the
+    /// same without the waiting.
     ///
     /// A store that fails (full disk, I/O error) costs the duplicate
     /// protection, never the registration: the code is delivered anyway.
@@ -510,60 +640,58 @@ impl Store {
     where
         F: FnOnce() -> Result<BotReply, BotError>,
     {
+        let deadline = Instant::now() + wait;
+        let asked = SystemTime::now();
+        let mut pause = BUSY_PAUSE;
+        let ticket = loop {
+            match self.begin(code, asked) {
+                Begin::Done(result) => return result,
+                Begin::Deliver(ticket) => break ticket,
+                Begin::Busy(busy) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(busy.given_up());
+                    }
+                    self.inner
+                        .wait_for(busy, (now + pause).min(deadline), deadline);
+                    pause = (pause * 2).min(BUSY_PAUSE_MAX);
+                }
+            }
+        };
+        let result = deliver();
+        ticket.finish(&result);
+        result
+            .map(|r| (r, Delivery::First))
+            .map_err(Undelivered::Bot)
+    }
+
+    /// Looks `code` up without waiting for anything: its answer, the
+    /// right to deliver it, or busy (try again shortly). `asked` is when
+    /// the request began: an outcome written since then is this request's
+    /// to share, even past the TTL.
+    ///
+    /// A store that fails (full disk, I/O error) costs the duplicate
+    /// protection, never the registration: the ticket then guards nothing.
+    pub fn begin(&self, code: &str, asked: SystemTime) -> Begin {
         let inner = &*self.inner;
         let hash = inner.hash(code);
-        let deadline = Instant::now() + wait;
-        let unprotected = |deliver: F| {
-            deliver()
-                .map(|r| (r, Delivery::First))
-                .map_err(Undelivered::Bot)
-        };
-        let (guard, offset) = match inner.claim(&hash, deadline) {
-            Ok(Claim::Done(result)) => return result,
-            Ok(Claim::Deliver(guard, offset)) => (guard, offset),
-            // The code was not sent: the player may try again (503).
-            Ok(Claim::NoRoom) => {
-                warn!(
-                    "replay store: every slot of this code's bucket stayed in a delivery \
-                     past the wait; the code was not sent"
-                );
-                return Err(Undelivered::Bot(BotError::Unavailable(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    "every replay slot of this code's bucket was in a delivery",
-                ))));
-            }
+        let asked = asked.duration_since(UNIX_EPOCH).map_or(0, nanos);
+        let held = match inner.attempt(&hash, asked) {
+            Ok(Attempt::Done(result)) => return Begin::Done(result),
+            Ok(Attempt::Busy(busy)) => return Begin::Busy(busy),
+            Ok(Attempt::Deliver(guard, offset)) => Some((guard.into_byte(), offset)),
             Err(e) => {
                 warn!(
                     "replay store: cannot claim an entry, delivering without duplicate protection: {e}"
                 );
-                return unprotected(deliver);
+                None
             }
         };
-        let result = deliver();
-        let entry = match &result {
-            Ok(reply) => Some(Entry::Answered(reply.clone())),
-            // A refused connection never carried the code: nothing to keep.
-            Err(BotError::Unavailable(_)) => None,
-            Err(e) => Some(Entry::Failed(e.kind())),
-        };
-        let slot = match entry {
-            Some(entry) => Slot {
-                hash,
-                at: now_nanos(),
-                holder: inner.pid,
-                entry,
-            },
-            None => EMPTY,
-        };
-        if let Err(e) = inner.write_slot(offset, &slot) {
-            warn!(
-                "replay store: cannot keep the outcome, a repeat of this code may be told it is unconfirmed: {e}"
-            );
-        }
-        drop(guard);
-        result
-            .map(|r| (r, Delivery::First))
-            .map_err(Undelivered::Bot)
+        Begin::Deliver(Ticket {
+            inner: self.inner.clone(),
+            held,
+            hash,
+        })
     }
 
     /// One housekeeping step: zeroes the expired entries of the buckets
@@ -717,88 +845,107 @@ impl Inner {
     }
 
     /// Finds the code's entry, or claims a slot for it and writes the
-    /// intent to deliver, so that other requests for the code find it.
-    fn claim(&self, hash: &[u8; 32], deadline: Instant) -> io::Result<Claim<'_>> {
-        let asked = now_nanos();
+    /// intent to deliver, so that other requests for the code find it;
+    /// waits for no lock.
+    fn attempt(&self, hash: &[u8; 32], asked: u64) -> io::Result<Attempt<'_>> {
         let bucket = self.bucket_of(hash);
-        let mut room_pause = Duration::from_millis(1);
-        loop {
-            let Some(bucket_guard) = self.lock(self.bucket_lock(bucket), deadline)? else {
-                // Not sent: the player may try again (503).
-                return Ok(Claim::NoRoom);
-            };
-            let now = now_nanos();
-            let page = self.read_page(bucket)?;
-            let slots: Vec<Slot> = page.chunks(SLOT).map(Slot::decode).collect();
-            let found = find(&slots, hash, now, self.ttl, asked);
-            if let Some(i) = found {
+        let bucket_byte = self.bucket_lock(bucket);
+        let Some(_bucket_guard) = self.try_lock(bucket_byte)? else {
+            return Ok(Attempt::Busy(Busy {
+                kind: BusyKind::Bucket,
+                byte: Some(bucket_byte),
+            }));
+        };
+        let now = now_nanos();
+        let page = self.read_page(bucket)?;
+        let slots: Vec<Slot> = page.chunks(SLOT).map(Slot::decode).collect();
+        match find(&slots, hash, now, self.ttl, asked) {
+            Some(i) => {
                 let raw = &page[i * SLOT..(i + 1) * SLOT];
                 if let Some(result) = final_answer(raw, &slots[i], now, self.ttl, asked) {
-                    return Ok(Claim::Done(result));
+                    return Ok(Attempt::Done(result));
                 }
+                let byte = self.slot_lock(bucket, i);
+                let Some(guard) = self.try_lock(byte)? else {
+                    return Ok(Attempt::Busy(Busy {
+                        kind: BusyKind::InFlight,
+                        byte: Some(byte),
+                    }));
+                };
+                let offset = self.slot_offset(bucket, i);
+                // Read again under the slot's lock: its holder may have
+                // written the outcome since the bucket was read.
+                let slot = self.read_slot(offset)?;
+                if &slot.hash != hash || slot.entry == Entry::Empty {
+                    // A refused delivery left nothing: look again at once.
+                    return Ok(Attempt::Busy(Busy {
+                        kind: BusyKind::Bucket,
+                        byte: None,
+                    }));
+                }
+                let result = match verdict(&slot, now_nanos(), self.ttl, asked) {
+                    Verdict::Replay(reply) => Ok((reply, Delivery::Replayed)),
+                    Verdict::Fail(kind) => Err(Undelivered::Bot(kind.error())),
+                    Verdict::Unconfirmed => {
+                        warn!(
+                            "replay store: the delivery of this code by pid {} ended without an answer",
+                            slot.holder
+                        );
+                        Err(Undelivered::Unconfirmed)
+                    }
+                    Verdict::Deliver => {
+                        self.write_intent(offset, hash)?;
+                        return Ok(Attempt::Deliver(guard, offset));
+                    }
+                };
+                Ok(Attempt::Done(result))
             }
-            let (i, guard) = match found {
-                Some(i) => match self.try_lock(self.slot_lock(bucket, i))? {
-                    Some(guard) => (i, guard),
-                    None => {
-                        // In flight: wait for it without holding the bucket.
-                        drop(bucket_guard);
-                        match self.lock(self.slot_lock(bucket, i), deadline)? {
-                            Some(guard) => (i, guard),
-                            // Still held past the bound: sending the code
-                            // again would only make the bot refuse it.
-                            None => {
-                                return Ok(Claim::Done(Err(Undelivered::Bot(BotError::Timeout))));
-                            }
-                        }
+            None => {
+                for i in victims(&slots, now, self.ttl) {
+                    if let Some(guard) = self.try_lock(self.slot_lock(bucket, i))? {
+                        let offset = self.slot_offset(bucket, i);
+                        self.write_intent(offset, hash)?;
+                        return Ok(Attempt::Deliver(guard, offset));
                     }
-                },
-                None => {
-                    for i in victims(&slots, now, self.ttl) {
-                        if let Some(guard) = self.try_lock(self.slot_lock(bucket, i))? {
-                            let offset = self.slot_offset(bucket, i);
-                            self.write_intent(offset, hash)?;
-                            drop(bucket_guard);
-                            return Ok(Claim::Deliver(guard, offset));
-                        }
-                    }
-                    // Every slot is in a delivery. Delivering without an
-                    // entry would let a repeat of this code through too:
-                    // wait, without the bucket, for one to end.
-                    drop(bucket_guard);
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Ok(Claim::NoRoom);
-                    }
-                    thread::sleep(room_pause.min(deadline - now));
-                    room_pause = (room_pause * 2).min(Duration::from_millis(20));
-                    continue;
                 }
-            };
-            let offset = self.slot_offset(bucket, i);
-            // Read again under the slot's lock: its holder may have written
-            // the outcome, or (after a wait) the slot gone to another code.
-            let slot = self.read_slot(offset)?;
-            if &slot.hash != hash || slot.entry == Entry::Empty {
-                continue;
+                // Every slot is in a delivery. Delivering without an
+                // entry would let a repeat of this code through too: wait
+                // for one to end.
+                Ok(Attempt::Busy(Busy {
+                    kind: BusyKind::NoRoom,
+                    byte: None,
+                }))
             }
-            let result = match verdict(&slot, now_nanos(), self.ttl, asked) {
-                Verdict::Replay(reply) => Ok((reply, Delivery::Replayed)),
-                Verdict::Fail(kind) => Err(Undelivered::Bot(kind.error())),
-                Verdict::Unconfirmed => {
-                    warn!(
-                        "replay store: the delivery of this code by pid {} ended without an answer",
-                        slot.holder
-                    );
-                    Err(Undelivered::Unconfirmed)
-                }
-                Verdict::Deliver => {
-                    self.write_intent(offset, hash)?;
-                    return Ok(Claim::Deliver(guard, offset));
-                }
-            };
-            return Ok(Claim::Done(result));
         }
+    }
+
+    /// Waits, for a blocking caller, until `busy` may have passed: until
+    /// this process lets the byte go (at most until `deadline`), or, when
+    /// another process or nothing in particular holds it, until `until`.
+    fn wait_for(&self, busy: Busy, until: Instant, deadline: Instant) {
+        if let Some(byte) = busy.byte {
+            let mut held = self.held_set();
+            if held.contains(&byte) {
+                while held.contains(&byte) {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return;
+                    }
+                    self.waiting.fetch_add(1, Ordering::Relaxed);
+                    held = self
+                        .freed
+                        .wait_timeout(held, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    self.waiting.fetch_sub(1, Ordering::Relaxed);
+                }
+                return;
+            }
+        }
+        if busy.kind == BusyKind::Bucket && busy.byte.is_none() {
+            return;
+        }
+        thread::sleep(until.saturating_duration_since(Instant::now()));
     }
 
     fn write_intent(&self, offset: u64, hash: &[u8; 32]) -> io::Result<()> {
@@ -1473,6 +1620,47 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// The event loop's way in: nothing waits. A code in flight is busy
+    /// (here and in another process), then replayed once finished; a kept
+    /// failure goes to a request asked before it ended.
+    #[test]
+    fn begin_never_waits_and_a_finished_ticket_is_replayed() {
+        let dir = temp_dir("begin");
+        let store = open(&dir, TTL, 64);
+        let other = open(&dir, TTL, 64);
+        let Begin::Deliver(ticket) = store.begin("c", SystemTime::now()) else {
+            panic!("no claim")
+        };
+        for s in [&store, &other] {
+            let started = Instant::now();
+            match s.begin("c", SystemTime::now()) {
+                Begin::Busy(busy) => assert!(matches!(
+                    busy.given_up(),
+                    Undelivered::Bot(BotError::Timeout)
+                )),
+                x => panic!("{x:?}"),
+            }
+            assert!(started.elapsed() < WAIT);
+        }
+        ticket.finish(&ok("welcome"));
+        for s in [&store, &other] {
+            match s.begin("c", SystemTime::now()) {
+                Begin::Done(r) => assert_eq!(message(r), ("welcome".into(), Delivery::Replayed)),
+                x => panic!("{x:?}"),
+            }
+        }
+        let asked = SystemTime::now();
+        let Begin::Deliver(ticket) = store.begin("d", asked) else {
+            panic!("no claim")
+        };
+        ticket.finish(&Err(BotError::Timeout));
+        assert!(matches!(
+            other.begin("d", asked),
+            Begin::Done(Err(Undelivered::Bot(BotError::Timeout)))
+        ));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     /// A replay takes no slot lock: with the slot's lock byte held by
     /// another open file description (as a process delivering another code
     /// through that slot would), it is answered, not made to wait. With no
@@ -1655,10 +1843,10 @@ mod tests {
     fn an_intent_without_a_live_holder_is_unconfirmed_not_delivered_again() {
         let dir = temp_dir("intent");
         let dead = open(&dir, TTL, 64);
-        let hash = dead.inner.hash("orphan");
-        match dead.inner.claim(&hash, Instant::now() + WAIT) {
-            Ok(Claim::Deliver(guard, _)) => drop(guard),
-            _ => panic!("no claim"),
+        // A ticket dropped unfinished (a connection gone mid-delivery).
+        match dead.begin("orphan", SystemTime::now()) {
+            Begin::Deliver(ticket) => drop(ticket),
+            other => panic!("no claim: {other:?}"),
         }
         let later = open(&dir, TTL, 64);
         for store in [&later, &dead] {
@@ -1666,10 +1854,8 @@ mod tests {
             assert!(matches!(r, Err(Undelivered::Unconfirmed)), "{r:?}");
         }
         // A waiter whose holder dies gets the same.
-        let hash = dead.inner.hash("dies-while-held");
         let r = thread::scope(|s| {
-            let Ok(Claim::Deliver(guard, _)) = dead.inner.claim(&hash, Instant::now() + WAIT)
-            else {
+            let Begin::Deliver(guard) = dead.begin("dies-while-held", SystemTime::now()) else {
                 panic!("no claim")
             };
             let waiter = s.spawn(|| {

@@ -784,6 +784,65 @@ pub fn prepare_process() {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
 }
 
+// ---------------------------------------------------------------------------
+// The event loop's system calls: accepting without blocking, and the
+// descriptor limit.
+// ---------------------------------------------------------------------------
+
+/// Accepts one connection on a listening socket without waiting: the new
+/// socket is non-blocking and close-on-exec from the start (one call, no
+/// fcntl after it). `WouldBlock` when none is queued.
+pub fn accept_nonblocking(listener: &impl AsRawFd) -> io::Result<OwnedFd> {
+    loop {
+        // SAFETY: null address pointers are allowed (the peer's address is
+        // not wanted); the flags are valid for accept4.
+        let fd = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: accept4 returned a new descriptor that nothing else owns.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// The soft and hard limits on open descriptors (`RLIMIT_NOFILE`).
+pub fn open_files_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer for getrlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// Sets the soft limit on open descriptors to `soft` (at most the hard
+/// limit, which is left as it is).
+pub fn set_open_files_limit(soft: u64) -> io::Result<()> {
+    let (_, hard) = open_files_limit()?;
+    let lim = libc::rlimit {
+        rlim_cur: soft.min(hard),
+        rlim_max: hard,
+    };
+    // SAFETY: a valid pointer to an initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,7 @@ mod fastcgi_fuzz;
 mod graceful_stop;
 mod harness_selftest;
 mod load;
+mod nginx;
 mod peers;
 mod store;
 mod systemd;

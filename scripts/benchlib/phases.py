@@ -19,6 +19,8 @@ class Phase(str, enum.Enum):
     PROXY_UNIXBOT = "proxy instant, bot on a Unix socket"
     FCGID_DISK = "fcgid instant, store on disk"
     PROXY_DISK = "proxy instant, store on disk"
+    NGINX_BURST = "nginx burst"
+    NGINX_2000 = "nginx 2000"
 
 
 MODES = ("fcgid", "proxy")
@@ -38,6 +40,10 @@ INSTANT_LOADS = (
     (Phase.PROXY_UNIXBOT, "--listen, bot on a Unix socket"),
 )
 BURSTS = (Phase.FCGID_BURST_COLD, Phase.FCGID_BURST_WARM, Phase.PROXY_BURST_COLD)
+# nginx in front of one --listen relay (the shipped snippet), the 300 ms
+# bot: --burst-conns connections, then this many, each on a fresh relay.
+NGINX_CONNS = 2000
+NGINX_BURSTS = (Phase.NGINX_BURST, Phase.NGINX_2000)
 
 # --only parts, in run order: the loads each runs and the results (keys of
 # Bench.results) each produces.
@@ -51,6 +57,7 @@ PARTS = {
     "proxy-disk": ((Phase.PROXY_DISK,), ()),
     "fcgid-unixbot": ((Phase.FCGID_UNIXBOT,), ()),
     "proxy-unixbot": ((Phase.PROXY_UNIXBOT,), ()),
+    "nginx-2000": (NGINX_BURSTS, ("nginx_rss", "nginx_once")),
     "cgi": ((), ("cgi",)),
     "spawn": ((), ("spawn",)),
     "syscalls": ((), ("syscalls",)),

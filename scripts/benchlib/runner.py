@@ -16,11 +16,12 @@ import subprocess
 import time
 
 from . import syscalls
-from .common import REPO, die, free_port, log, run, size, tail_from, tmpfs_dir
-from .phases import DISK, MODES, UNIXBOT, Phase, phases_of
+from .common import REPO, die, free_port, log, read, run, size, tail_from, tmpfs_dir
+from .phases import DISK, MODES, NGINX_CONNS, UNIXBOT, Phase, phases_of
 from .sampling import Groups, cpu_delta, cpu_totals, time_wait_sockets, vm_hwm_kib
-from .services import (CODE_PAD, RUN_TAG, STATE, WRK_LUA, Apache, Bot, count_access,
-                       count_outcomes, settle, timed_get, wrk)
+from .services import (CODE_PAD, RUN_TAG, STATE, WRK_LUA, Apache, Bot, NginxFront, count_access,
+                       count_gone, count_outcomes, one_shot, raise_files_limit, settle, timed_get,
+                       wrk)
 
 
 class Build:
@@ -149,7 +150,9 @@ class Bench:
         name = phase.value + build.label
         a = self.args
         dynamic = path.startswith("/register")
-        bot = (Bot(self.bot_bin, self.bot_port, delay_ms, self.rundir, unix=apache.bot_unix)
+        bot_threads = getattr(apache, "bot_threads", None)
+        bot = (Bot(self.bot_bin, self.bot_port, delay_ms, self.rundir, unix=apache.bot_unix,
+                   threads=bot_threads)
                if dynamic else None)
         timeout = 30 if delay_ms else 10
         if warmup:
@@ -158,7 +161,8 @@ class Bench:
             settle([apache.access_log()])
             if bot:
                 bot.stop()
-                bot = Bot(self.bot_bin, self.bot_port, delay_ms, self.rundir, unix=apache.bot_unix)
+                bot = Bot(self.bot_bin, self.bot_port, delay_ms, self.rundir, unix=apache.bot_unix,
+                          threads=bot_threads)
         groups = Groups(apache.pid, apache.relay_exe(), relay_pid, bot.proc.pid if bot else None)
         logs = [apache.access_log(), apache.relay_log()]
         offsets = [size(p) for p in logs]
@@ -185,7 +189,9 @@ class Bench:
         capacity = wall * 1e9 * (os.cpu_count() or 1)
         others = max(busy - sum(cpu.values()), 0) / capacity
         steal = (machine_after[1] - machine_before[1]) / capacity
-        access_ok, access_other = count_access(tail_from(logs[0], offsets[0]), path.split("?")[0])
+        access_text = tail_from(logs[0], offsets[0])
+        access_ok, access_other = count_access(access_text, path.split("?")[0])
+        gone = count_gone(access_text, path.split("?")[0])
         served = access_ok + access_other
         record = {
             "name": name, "path": path, "delay_ms": delay_ms, "conns": conns, "new_conn_per_request": close,
@@ -206,17 +212,21 @@ class Bench:
             approved = outcomes.get("approved", 0)
             in_flight = access_ok - w["ok"]
             record["in_flight_at_end"] = in_flight
+            record["gone_at_end"] = gone
             ok = (
                 summary.get("duplicates", -1) == 0
                 and summary.get("malformed", -1) == 0
-                and summary.get("received") == access_ok == approved
+                and summary.get("received") == access_ok + gone == approved
                 and 0 <= in_flight <= conns
+                and gone <= conns
             )
             record["codes_ok"] = ok
             self.checks.append((name, ok,
                                 f"bot received {summary.get('received')} codes "
                                 f"({summary.get('distinct')} distinct, {summary.get('duplicates')} duplicates), "
-                                f"Apache answered 200 {access_ok} times, relay logged approved {approved}, "
+                                f"Apache answered 200 {access_ok} times"
+                                + (f" (and {gone} more to clients gone at wrk's deadline, 499)" if gone else "")
+                                + f", relay logged approved {approved}, "
                                 f"wrk counted {w['ok']} ({in_flight} in flight at its deadline)"))
         build.phases[phase] = record
         return record
@@ -269,6 +279,9 @@ class Bench:
                 self.load(DISK[mode], inst, "/register", 0, a.conns,
                           a.duration, warmup=a.warmup, relay_pid=inst.relay_pid(), build=build)
                 self.finished(inst)
+        if "nginx-2000" in only:
+            # The current build only: the event loop is what it measures.
+            self.nginx()
         if "proxy-burst" in only:
             for build in self.builds():
                 # From cold too: the relay's threads start as they are needed.
@@ -304,6 +317,54 @@ class Bench:
                       a.duration, build=build)
             build.results.setdefault("fcgid_rss", {})["burst"] = self.relay_rss(fcgid)
         self.finished(fcgid)
+
+    def nginx(self):
+        """nginx in front of one --listen relay (started with a soft limit
+        of 1024 open files, as systemd starts it), the slow bot: a burst of
+        --burst-conns connections, then NGINX_CONNS, each against a fresh
+        relay so that its peak RSS is that load's."""
+        a = self.args
+        hard = raise_files_limit()
+        if hard < NGINX_CONNS + 256:
+            die(f"the hard limit on open files ({hard}) is too low for wrk -c {NGINX_CONNS}")
+        for phase, conns, key in ((Phase.NGINX_BURST, a.burst_conns, "burst"),
+                                  (Phase.NGINX_2000, NGINX_CONNS, "2000")):
+            name = f"nginx-{key}"
+            state = (a.state_dir / f"tourney-register-bench-{name}") if a.state_dir else self.rundir / name / "state"
+            shutil.rmtree(state, ignore_errors=True)
+            self.state_dirs.append(state)
+            front = NginxFront(self.rundir / name, free_port(), self.relay_bin, self.bot_port, state,
+                               conns, relay_env=a.relay_env)
+            try:
+                front.start()
+                if key == "2000":
+                    self.nginx_once(front)
+                self.load(phase, front, "/register", a.delay_ms, conns, a.duration,
+                          relay_pid=front.relay_pid())
+                self.results.setdefault("nginx_rss", {})[key] = self.relay_rss(front, front.relay_pid())
+                errors = read(front.error_log())
+                self.checks.append((f"{phase.value}: nginx error log", "[error]" not in errors
+                                    and "[crit]" not in errors and "[alert]" not in errors,
+                                    f"{errors.count('[error]')} errors, {errors.count('[crit]')} critical, "
+                                    f"{errors.count('[alert]')} alerts"))
+            finally:
+                front.stop()
+
+    def nginx_once(self, front):
+        """NGINX_CONNS sign-ups at the same moment, once each, before the
+        sustained load on the same relay."""
+        a = self.args
+        bot = Bot(self.bot_bin, self.bot_port, a.delay_ms, self.rundir, threads=front.bot_threads)
+        log(f"nginx: {NGINX_CONNS} sign-ups at once, bot {a.delay_ms} ms")
+        once = one_shot(front.port, NGINX_CONNS, f"{CODE_PAD}{RUN_TAG}-once")
+        settle([front.relay_log()])
+        summary = bot.stop()
+        once["codes_ok"] = (summary.get("received") == NGINX_CONNS and summary.get("duplicates") == 0
+                            and summary.get("malformed") == 0)
+        self.checks.append(("nginx 2000 at once", once["codes_ok"],
+                            f"bot received {summary.get('received')} codes "
+                            f"({summary.get('duplicates')} duplicates) from {NGINX_CONNS} players"))
+        self.results["nginx_once"] = once
 
     def cgi(self):
         """Whole-process wall time of one CGI request, next to /bin/true;

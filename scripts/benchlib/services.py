@@ -4,6 +4,8 @@ the relay under mod_fcgid or --listen behind mod_proxy_fcgi), and wrk."""
 import json
 import os
 import re
+import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import INSTANCE, die, read, size, tail_from
+from .common import INSTANCE, REPO, die, read, size, tail_from
 
 # A realistic osu! code (about 1 KB, as Passport issues them) and Fernet state.
 CODE_PAD = ("def50200" + "0123456789abcdef" * 60)[:960]
@@ -51,13 +53,15 @@ end
 class Bot:
     live = set()
 
-    def __init__(self, binary, port, delay_ms, rundir, unix=None):
-        """A bench_bot on 127.0.0.1:port, or on the Unix socket `unix`."""
+    def __init__(self, binary, port, delay_ms, rundir, unix=None, threads=None):
+        """A bench_bot on 127.0.0.1:port, or on the Unix socket `unix`;
+        `threads`: connections it serves at once (its default otherwise)."""
         self.summary_path = rundir / f"bot-{port}-{delay_ms}-{time.monotonic_ns()}.json"
         self.errlog = open(rundir / "bot.log", "ab")
         where = ["--unix", str(unix)] if unix else ["--addr", f"127.0.0.1:{port}"]
         self.proc = subprocess.Popen(
-            [str(binary), *where, "--delay-ms", str(delay_ms), "--summary", str(self.summary_path)],
+            [str(binary), *where, "--delay-ms", str(delay_ms), "--summary", str(self.summary_path),
+             *(["--threads", str(threads)] if threads else [])],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.errlog,
         )
         Bot.live.add(self)
@@ -191,6 +195,194 @@ class Apache:
         return self.dir / "logs" / "access.log"
 
 
+class NginxFront:
+    """A private nginx (its own prefix, configuration and logs under `d`)
+    in front of one --listen relay, through the shipped snippet
+    apache/nginx-tourney-register.conf with only its fastcgi_pass pointed
+    at the relay's socket. The relay starts as systemd starts a service:
+    with a soft limit of 1024 open files, and no variable but the bot's
+    address and the store. Offers what a load needs of an Apache."""
+
+    SHIPPED_PASS = "fastcgi_pass unix:/run/tourney-register/fcgi.sock;"
+
+    def __init__(self, d, port, binary, bot_port, state, conns, relay_env=None):
+        self.dir, self.port, self.binary, self.state = d, port, binary, state
+        self.bot_addr = f"127.0.0.1:{bot_port}"
+        self.bot_unix = None
+        self.conns = conns
+        # The bench bot serves this many connections at once: all of them.
+        self.bot_threads = conns + 64
+        self.relay_env = relay_env or {}
+        self.pid = None
+        self.nginx = self.backend = None
+
+    def start(self):
+        for sub in ("run", "logs", "tmp"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self.start_relay()
+        snippet = (REPO / "apache" / "nginx-tourney-register.conf").read_text()
+        if self.SHIPPED_PASS not in snippet:
+            die("the shipped nginx snippet no longer passes to the packaged socket")
+        (self.dir / "tourney-register.conf").write_text(
+            snippet.replace(self.SHIPPED_PASS, f"fastcgi_pass unix:{self.sock};"))
+        tmp, logs = self.dir / "tmp", self.dir / "logs"
+        # As root nginx's workers would be nobody's; the relay's socket is
+        # open to all (0666) anyway.
+        user = "user root root;\n" if os.geteuid() == 0 else ""
+        (self.dir / "nginx.conf").write_text(
+            f"{user}worker_processes auto;\n"
+            f"worker_rlimit_nofile {4 * self.conns + 512};\n"
+            f"pid {self.dir}/run/nginx.pid;\n"
+            f"error_log {logs}/error.log;\n"
+            # A client holds two connections (its own and one to the
+            # relay); short of about 2.1 each nginx closes some unanswered.
+            f"events {{ worker_connections {3 * self.conns + 256}; }}\n"
+            "http {\n"
+            f"  access_log {logs}/access.log;\n"
+            f"  client_body_temp_path {tmp}/body;\n  fastcgi_temp_path {tmp}/fastcgi;\n"
+            f"  proxy_temp_path {tmp}/proxy;\n  uwsgi_temp_path {tmp}/uwsgi;\n"
+            f"  scgi_temp_path {tmp}/scgi;\n"
+            f"  server {{\n    listen 127.0.0.1:{self.port} backlog=4096;\n    server_name localhost;\n"
+            f"    include {self.dir}/tourney-register.conf;\n  }}\n"
+            "}\n")
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.nginx = subprocess.Popen(
+            [nginx, "-p", str(self.dir), "-e", str(logs / "error.log"), "-c", str(self.dir / "nginx.conf"),
+             "-g", "daemon off;"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pid = self.nginx.pid
+        NginxFront.live.add(self)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if self.nginx.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    die(f"nginx did not start:\n{read(logs / 'error.log')}")
+                time.sleep(0.05)
+        return self
+
+    live = set()
+
+    def start_relay(self):
+        self.sock = self.dir / "run" / "fcgi.sock"
+        relay_log = self.relay_log()
+        env = {"PATH": "/usr/bin:/bin", "REGISTER_BOT_ADDR": self.bot_addr,
+               "REGISTER_STATE_DIR": str(self.state), **self.relay_env}
+        offset = size(relay_log)
+
+        def as_a_service():
+            _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+
+        with open(relay_log, "ab") as out:
+            self.backend = subprocess.Popen(
+                [str(self.binary), "--listen", f"unix:{self.sock}"], env=env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                preexec_fn=as_a_service)
+        deadline = time.monotonic() + 15
+        while "listening on" not in tail_from(relay_log, offset):
+            if self.backend.poll() is not None or time.monotonic() > deadline:
+                die(f"the --listen relay did not start:\n{tail_from(relay_log, offset)}")
+            time.sleep(0.05)
+        os.chmod(self.sock, 0o666)
+
+    def stop(self):
+        NginxFront.live.discard(self)
+        for proc in (self.nginx, self.backend):
+            if proc and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.nginx = self.backend = None
+        self.pid = None
+
+    def relay_pid(self):
+        return self.backend.pid if self.backend else None
+
+    def relay_exe(self):
+        return self.binary
+
+    def relay_log(self):
+        return self.dir / "logs" / "relay.log"
+
+    def access_log(self):
+        return self.dir / "logs" / "access.log"
+
+    def error_log(self):
+        return self.dir / "logs" / "error.log"
+
+
+def one_shot(port, n, code_prefix, timeout=30):
+    """n players at the same moment, each one GET /register with a code of
+    its own on a connection of its own, once (wrk keeps its connections
+    busy instead). The connections are opened first (a Python client
+    opening 2000 takes most of a second itself), then every request is
+    sent at once; the latency of each is from its request to the end of
+    its answer. An error is anything but a 200 success page."""
+    import asyncio
+
+    async def player(i, start):
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await start.wait()
+            return 0.0, False
+        await start.wait()
+        t = time.perf_counter()
+        try:
+            writer.write(f"GET /register?code={code_prefix}-{i}&state={STATE} HTTP/1.1\r\n"
+                         "Host: localhost\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+            data = await asyncio.wait_for(reader.read(), timeout)
+            writer.close()
+            ok = data.startswith(b"HTTP/1.1 200") and b"Success" in data
+        except (OSError, asyncio.TimeoutError):
+            ok = False
+        return time.perf_counter() - t, ok
+
+    async def burst():
+        start = asyncio.Event()
+        tasks = [asyncio.create_task(player(i, start)) for i in range(n)]
+        # Until every connection is open (bounded).
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if len(_open_to(port)) >= n:
+                break
+        start.set()
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(burst())
+    times = sorted(t for t, _ in results)
+    return {"requests": n, "errors": sum(1 for _, ok in results if not ok),
+            "p50_us": times[len(times) // 2] * 1e6, "p99_us": times[int(len(times) * 0.99)] * 1e6,
+            "max_us": times[-1] * 1e6}
+
+
+def _open_to(port):
+    """Established TCP connections to 127.0.0.1:port, from /proc."""
+    hex_port = f":{port:04X}"
+    found = set()
+    for line in read("/proc/net/tcp").splitlines()[1:]:
+        f = line.split()
+        if len(f) > 3 and f[1].endswith(hex_port) and f[3] == "01":
+            found.add(f[2])
+    return found
+
+
+def raise_files_limit():
+    """This process's soft limit on open files to its hard limit, for the
+    wrk it starts (one descriptor per connection)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 RUN_TAG = f"{os.getpid():x}{int(time.time()) % 100000:x}"
 
 
@@ -256,6 +448,14 @@ def count_access(text, path_prefix):
         else:
             other += 1
     return ok, other
+
+
+def count_gone(text, path_prefix):
+    """Requests nginx logged 499: the client left before the answer (wrk
+    closing its connections at its deadline). nginx hands the relay's
+    answer to no one then, where Apache logs it as served."""
+    return sum(1 for m in ACCESS_RE.finditer(text)
+               if m.group(2).startswith(path_prefix) and m.group(3) == "499")
 
 
 def count_outcomes(text):

@@ -6,7 +6,8 @@ and result a target names is one some part of the runner produces."""
 from dataclasses import dataclass
 from typing import Callable
 
-from .phases import BURSTS, MODE_LABEL, MODES, INSTANT_LOADS, PARTS, Phase, phases_of, results_of
+from .phases import (BURSTS, MODE_LABEL, MODES, INSTANT_LOADS, NGINX_BURSTS, NGINX_CONNS, PARTS, Phase,
+                     phases_of, results_of)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,40 @@ def _p99(phase, factor=None):
     return Target(lambda f: f"{phase.value}: p99 (reported)", (phase,), (), measure)
 
 
+def _latency(phase, key, factor=None):
+    """wrk's `key` percentile of `phase` as a multiple of the bot's delay;
+    held to `factor` × when given."""
+    def measure(f):
+        v = f.phases[phase]["wrk"][key]
+        delay_us = f.delay_ms * 1000
+        return f"{v / 1000:.0f} ms ({v / delay_us:.2f} ×)", (v <= factor * delay_us if factor else None)
+    name = key.removesuffix("_us")
+    if factor:
+        return Target(lambda f: f"{phase.value}: {name} ≤ {factor} × the bot's {f.delay_ms} ms",
+                      (phase,), (), measure)
+    return Target(lambda f: f"{phase.value}: {name} (reported)", (phase,), (), measure)
+
+
+def _nginx_rss(key, most_kib):
+    def measure(f):
+        v = f.results["nginx_rss"][key]["max_kib"]
+        return mib(v), v <= most_kib
+
+    def text(f):
+        conns = f.burst_conns if key == "burst" else NGINX_CONNS
+        return (f"peak RSS ≤ {mib(most_kib)}, --listen behind nginx at {conns} connections "
+                "(no environment variable)")
+    return Target(text, (), (("nginx_rss", key),), measure)
+
+
+def _nginx_once(f):
+    x = f.results["nginx_once"]
+    delay_us = f.delay_ms * 1000
+    return (f"{x['errors']} errors, codes {'ok' if x['codes_ok'] else 'FAILED'}; p50 {x['p50_us'] / 1000:.0f} ms "
+            f"({x['p50_us'] / delay_us:.2f} ×), p99 {x['p99_us'] / 1000:.0f} ms ({x['p99_us'] / delay_us:.2f} ×)",
+            x["errors"] == 0 and x["codes_ok"] and x["p99_us"] <= 1.5 * delay_us)
+
+
 def _fcgid_rss(f):
     v = max(x["max_kib"] for x in f.results["fcgid_rss"].values())
     return mib(v), v <= 4096
@@ -126,6 +161,14 @@ TARGETS = (
     Target(lambda f: "one CGI request within 0.6 ms of /bin/true", (), (("cgi", None),), _cgi),
     Target(lambda f: "spawn to first answer within 5 ms of a static file's", (), (("spawn", None),), _spawn),
     *(_syscalls(mode, kind, most) for mode in MODES for kind, most in (("first", 16), ("replay", 10))),
+    *(_burst_clean(phase) for phase in NGINX_BURSTS),
+    _latency(Phase.NGINX_2000, "p50_us"),
+    _latency(Phase.NGINX_2000, "p99_us", factor=1.5),
+    _latency(Phase.NGINX_BURST, "p99_us"),
+    Target(lambda f: f"{NGINX_CONNS} sign-ups at once through nginx: zero errors, every code once, "
+           f"p99 ≤ 1.5 × the bot's {f.delay_ms} ms", (), (("nginx_once", None),), _nginx_once),
+    _nginx_rss("burst", 8192),
+    _nginx_rss("2000", 16384),
 )
 
 

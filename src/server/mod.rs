@@ -5,7 +5,8 @@
 //!   server gives each process one request at a time, so the loop serves
 //!   connections in turn on the main thread ([`serve_serial`]);
 //! - `--listen` (mod_proxy_fcgi, nginx): one long-lived process serves
-//!   many connections at once from a [`pool::Pool`] ([`serve_pool`]).
+//!   many connections at once on one thread, with an event loop
+//!   ([`crate::event`], through [`serve_events`]).
 //!
 //! With `NOTIFY_SOCKET` set, both tell the service manager ([`systemd`])
 //! when they serve, when a stop begins, and how many requests they served.
@@ -14,7 +15,7 @@
 //! finish, bounded by the bot timeout, and the process exits 0. A code the
 //! bot has received always gets its answer back to the player.
 
-pub mod pool;
+pub mod counter;
 pub mod stop;
 
 use std::io;
@@ -34,7 +35,7 @@ use crate::net::{Listener, Stream};
 use crate::relay::Relay;
 use crate::sys;
 use crate::systemd;
-use pool::{Counter, Pool, lock};
+use counter::{Counter, Registration, lock};
 use stop::StopSignal;
 
 /// What the server is doing, for whoever reports on it (a log line, a
@@ -80,6 +81,27 @@ impl Status {
 
     fn begin_stopping(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Counts a request inside the pipeline until the guard is dropped
+    /// (for a driver that runs the pipeline in steps).
+    pub(crate) fn request_began(&self) -> Registration {
+        self.in_flight.register()
+    }
+
+    /// Counts an answered request.
+    pub(crate) fn request_answered(&self) {
+        self.served.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Counts a connection open until the guard is dropped.
+    pub(crate) fn connection_opened(&self) -> Registration {
+        self.open.register()
+    }
+
+    /// Marks the stop as begun: no new connections are accepted.
+    pub(crate) fn stop_began(&self) {
+        self.begin_stopping();
     }
 }
 
@@ -209,30 +231,14 @@ impl Waiter {
     }
 }
 
-/// Serves connections concurrently until stopped, then lets requests in
-/// flight finish within [`Limits::stop_grace`].
-pub fn serve_pool(
-    relay: Arc<Relay>,
+/// Serves connections concurrently on one event-loop thread until
+/// stopped, then lets requests in flight finish within
+/// [`Limits::stop_grace`].
+pub fn serve_events(
+    relay: &Relay,
     listener: Listener,
     limits: &Limits,
     status: Arc<Status>,
 ) -> io::Result<()> {
-    let stop = StopSignal::install()?;
-    let pool = Pool::new(relay, *limits, status.clone());
-    let listening = listener.describe();
-    info!(
-        "listening on {listening} (up to {} connections)",
-        limits.max_conns
-    );
-    let notify = systemd::notify_ready(&listening, &stop, status.clone());
-    while let Some(stream) = stop.next_connection(&listener)? {
-        pool.dispatch(stream);
-    }
-    status.begin_stopping();
-    notify.stopping();
-    info!("stop requested: no new connections; finishing requests in flight");
-    drop(listener);
-    pool.finish(limits.stop_grace);
-    info!("stopped");
-    Ok(())
+    crate::event::serve(relay, listener, limits, status)
 }

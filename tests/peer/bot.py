@@ -201,10 +201,10 @@ async def main(args):
                 os.unlink(args.unix)
         except FileNotFoundError:
             pass
-        server = await asyncio.start_unix_server(bot.handle, path=args.unix, backlog=1024)
+        server = await asyncio.start_unix_server(bot.handle, path=args.unix, backlog=args.backlog)
         where = f"unix:{args.unix}"
     else:
-        server = await asyncio.start_server(bot.handle, host=args.host, port=args.port, backlog=1024)
+        server = await asyncio.start_server(bot.handle, host=args.host, port=args.port, backlog=args.backlog)
         where = format_addr(server.sockets[0].getsockname())
 
     stop = asyncio.Event()
@@ -233,6 +233,8 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
     p.add_argument("--unix", default=None, metavar="PATH", help="listen on a unix socket instead")
     p.add_argument("--record", default=None, metavar="PATH", help="append one JSON line per message")
+    p.add_argument("--backlog", type=int, default=1024,
+                   help="connections the kernel queues while the bot is busy (a sign-up burst needs many)")
     return p.parse_args(argv)
 
 

@@ -27,6 +27,7 @@
 //!   to [`Server`].
 //! - [`json`]: [`parse_json`] into serde_json's [`Json`] value.
 //! - [`apache`]: a private Apache and a small HTTP/1.1 client.
+//! - [`nginx`]: a private nginx in front of a relay, with the shipped snippet.
 //! - [`axe`]: axe-core, the accessibility rules the browser test runs in
 //!   each page.
 
@@ -37,6 +38,7 @@ pub mod cgi;
 pub mod fcgi;
 pub mod json;
 pub mod log;
+pub mod nginx;
 pub mod page;
 pub mod ports;
 pub mod process;
@@ -48,6 +50,7 @@ pub use cgi::*;
 pub use fcgi::*;
 pub use json::*;
 pub use log::*;
+pub use nginx::*;
 pub use page::*;
 pub use ports::*;
 pub use process::*;

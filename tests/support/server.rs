@@ -9,7 +9,7 @@ use std::ops::{Deref, DerefMut};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -190,9 +190,21 @@ impl Server {
         env: &[(&str, &str)],
         stdin: Stdio,
     ) -> Server {
+        Server::spawn_command(bin_command(), dir, endpoint, args, env, stdin)
+    }
+
+    /// As [`Server::spawn`], the binary started by `cmd` (a wrapper whose
+    /// last argument runs it) and `args` after it.
+    fn spawn_command(
+        mut cmd: Command,
+        dir: TempDir,
+        endpoint: Endpoint,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdin: Stdio,
+    ) -> Server {
         let stderr = dir.join("stderr.log");
         let stdout = dir.join("stdout.log");
-        let mut cmd = bin_command();
         cmd.args(args)
             .envs(env.iter().copied())
             .stdin(stdin)
@@ -393,8 +405,33 @@ impl ListenServer {
         ListenServer::start("tcp", env)
     }
 
+    /// As [`ListenServer::start`], started the way a service manager
+    /// starts a service: with a soft limit of `soft` open files (the hard
+    /// limit left as it is).
+    pub fn start_with_files_limit(kind: &str, env: &[(&str, &str)], soft: u32) -> ListenServer {
+        ListenServer::launch(kind, env, &[], || {
+            let mut cmd = Command::new("sh");
+            cmd.env_clear();
+            if let Some(path) = std::env::var_os("PATH") {
+                cmd.env("PATH", path);
+            }
+            cmd.args(["-c", &format!("ulimit -Sn {soft} && exec \"$0\" \"$@\"")])
+                .arg(bin());
+            cmd
+        })
+    }
+
     /// As [`ListenServer::start`] with extra arguments after `--listen ADDR`.
     pub fn start_with(kind: &str, env: &[(&str, &str)], extra: &[&str]) -> ListenServer {
+        ListenServer::launch(kind, env, extra, bin_command)
+    }
+
+    fn launch(
+        kind: &str,
+        env: &[(&str, &str)],
+        extra: &[&str],
+        command: impl Fn() -> Command,
+    ) -> ListenServer {
         // A free TCP port can be taken by someone else before the server
         // binds it; retry a couple of times in that case only.
         let attempts = if kind == "tcp" { 3 } else { 1 };
@@ -409,7 +446,8 @@ impl ListenServer {
             let spec = endpoint.spec();
             let mut args = vec!["--listen", spec.as_str()];
             args.extend_from_slice(extra);
-            let mut server = Server::spawn(dir, endpoint, &args, env, Stdio::null());
+            let mut server =
+                Server::spawn_command(command(), dir, endpoint, &args, env, Stdio::null());
             match wait_listening(&mut server) {
                 Ok(()) => return ListenServer(server),
                 Err(e) => {

@@ -1,0 +1,775 @@
+//! The `--listen` server (and the socket-activated one): every connection
+//! on one thread, driven by an epoll event loop (mio).
+//!
+//! A thread per connection costs a stack and a scheduler slot per player
+//! waiting on the bot; a sign-up burst of thousands at once waits almost
+//! entirely on the bot, so one thread that keeps every connection's state
+//! as data serves them all. Each connection is the FastCGI core's state
+//! machine ([`Connection`]: bytes in, requests and answers out, deadlines
+//! as data), a step of the pipeline ([`Relay::admit`], [`Relay::claim`],
+//! [`Relay::conclude`]) and, while its code is with the bot, an
+//! [`Exchange`]. Nothing here waits: each socket is read or written until
+//! it would block, and the loop sleeps until a socket is ready or the
+//! earliest deadline in [`Timers`] comes.
+//!
+//! Bounds: [`Limits::max_conns`] connections are served at once; past it,
+//! up to [`Limits::max_turning_away`] more are answered "overloaded" (the
+//! 503 page and `FCGI_OVERLOADED`), and any beyond are closed unanswered.
+//! Every connection has a deadline whatever it does: reading a request
+//! (the FastCGI core's), the bot (its timeout), writing an answer
+//! ([`Limits::write_timeout`]), and output a peer does not read stops
+//! further reading past [`OUT_CAP`].
+//!
+//! A stop signal ends the accepting (under socket activation the
+//! connections not yet accepted stay queued for the next process); the
+//! requests in flight finish within [`Limits::stop_grace`], and
+//! connections with nothing in flight for a second are closed.
+
+pub mod exchange;
+pub mod socket;
+pub mod timer;
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::bot::{BotError, BotReply};
+use crate::fastcgi::{Connection, HEADER_LEN, Step, TurnAway, encode_overloaded, turn_away};
+use crate::limits::Limits;
+use crate::net::Listener;
+use crate::relay::{Admission, Claimed, Relay, Signup};
+use crate::replay::{BUSY_PAUSE, BUSY_PAUSE_MAX, Delivery, Ticket, Undelivered};
+use crate::server::Status;
+use crate::server::counter::Registration;
+use crate::server::stop::StopSignal;
+use crate::{sys, systemd};
+pub use exchange::{Exchange, Progress};
+use socket::{BotDialer, Sock};
+pub use timer::Timers;
+
+/// How much one read takes from a web server's connection (one buffer
+/// for the whole loop).
+const READ_SIZE: usize = 16 * 1024;
+/// Readiness events taken per wait.
+const EVENTS: usize = 1024;
+const LISTENER: Token = Token(usize::MAX);
+const STOP: Token = Token(usize::MAX - 1);
+/// The timer key of the pause after a failed accept.
+const ACCEPT_KEY: usize = usize::MAX;
+/// Answers a peer has not read yet, past which nothing more is read
+/// from it (each management record it sends has an answer).
+pub const OUT_CAP: usize = 256 * 1024;
+/// How long a peer whose request was refused may go on sending, and how
+/// much of it is read and dropped, before the close (closing with unread
+/// input would reset a TCP connection and lose the answer).
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+const DRAIN_BYTES: usize = 4 * 1024 * 1024;
+/// How long a connection turned away is read after its answer, for the
+/// same reason.
+const LINGER: Duration = Duration::from_millis(100);
+/// During a stop, a connection with nothing in flight for this long is
+/// an idle keep-alive one, with nothing to lose.
+const STOP_IDLE: Duration = Duration::from_secs(1);
+/// How often a stop looks whether it is done.
+const STOP_CHECK: Duration = Duration::from_millis(20);
+/// First pause after a failed accept; doubles up to a second.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(10);
+
+/// Gives a listener this process bound the deepest accept queue the
+/// kernel allows (`net.core.somaxconn`): a web server opens a burst of
+/// connections at once, and a TCP connection past a full queue is retried
+/// only a second later. (A socket from the service manager keeps the
+/// backlog its unit sets.)
+pub fn deepen_backlog(listener: &Listener) {
+    let deepened = match listener {
+        Listener::Tcp(l) => sys::relisten(l, -1),
+        Listener::Unix(l, _) => sys::relisten(l, -1),
+    };
+    if let Err(e) = deepened {
+        warn!("cannot deepen the listener's accept queue: {e}");
+    }
+}
+
+/// Raises this process's soft limit on open descriptors (up to the hard
+/// limit) to what serving at `limits` may hold — a service starts with
+/// 1024 — and lowers the connection cap, with a warning, when even the
+/// hard limit is too low for it.
+pub fn fit_descriptor_limit(limits: Limits) -> Limits {
+    let wanted = limits.descriptors();
+    let (soft, hard) = match sys::open_files_limit() {
+        Ok(found) => found,
+        Err(e) => {
+            warn!("cannot read the limit on open files: {e}");
+            return limits;
+        }
+    };
+    let mut got = soft;
+    if soft < wanted {
+        match sys::set_open_files_limit(wanted) {
+            Ok(()) => got = wanted.min(hard),
+            Err(e) => warn!("cannot raise the limit on open files from {soft}: {e}"),
+        }
+    }
+    let fitted = limits.within_descriptors(got);
+    if fitted.max_conns < limits.max_conns {
+        warn!(
+            "the limit on open files is {got} (hard limit {hard}): serving up to {} connections, not {}",
+            fitted.max_conns, limits.max_conns
+        );
+    }
+    fitted
+}
+
+/// Serves `listener` on this thread until a stop signal, then lets what
+/// is in flight finish within [`Limits::stop_grace`].
+pub fn serve(
+    relay: &Relay,
+    listener: Listener,
+    limits: &Limits,
+    status: Arc<Status>,
+) -> io::Result<()> {
+    let stop = StopSignal::install()?;
+    let watcher = stop.watcher()?;
+    watcher.set_nonblocking(true)?;
+    // Edge-triggered: the listener is accepted from until it would block,
+    // which a blocking one never says.
+    match &listener {
+        Listener::Tcp(l) => l.set_nonblocking(true)?,
+        Listener::Unix(l, _) => l.set_nonblocking(true)?,
+    }
+    let poll = Poll::new()?;
+    poll.registry().register(
+        &mut SourceFd(&watcher.as_raw_fd()),
+        STOP,
+        Interest::READABLE,
+    )?;
+    poll.registry().register(
+        &mut SourceFd(&listener.as_raw_fd()),
+        LISTENER,
+        Interest::READABLE,
+    )?;
+    let listening = listener.describe();
+    info!(
+        "listening on {listening} (up to {} connections)",
+        limits.max_conns
+    );
+    let notify = systemd::notify_ready(&listening, &stop, status.clone());
+    let mut event_loop = EventLoop {
+        relay,
+        limits: *limits,
+        status: status.clone(),
+        poll,
+        timers: Timers::new(),
+        conns: Vec::new(),
+        free: Vec::new(),
+        serving: 0,
+        turning_away: 0,
+        buf: vec![0; READ_SIZE],
+        listener: Some(listener),
+        accept_pause: ACCEPT_PAUSE,
+        accept_paused: false,
+    };
+    let mut events = Events::with_capacity(EVENTS);
+    let mut stopping: Option<Stopping> = None;
+    loop {
+        let now = Instant::now();
+        let mut timeout = event_loop
+            .timers
+            .earliest()
+            .map(|at| at.saturating_duration_since(now));
+        if stopping.is_some() {
+            timeout = Some(timeout.map_or(STOP_CHECK, |t| t.min(STOP_CHECK)));
+        }
+        match event_loop.poll.poll(&mut events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        let now = Instant::now();
+        for event in events.iter() {
+            match event.token() {
+                LISTENER => event_loop.accept(now),
+                STOP => {
+                    let mut sink = [0u8; 64];
+                    while matches!((&watcher).read(&mut sink), Ok(n) if n > 0) {}
+                }
+                // A bot socket that only became writable (its connect
+                // done, with the message already out) has nothing to read.
+                Token(t)
+                    if t % 2 == 1
+                        && !(event.is_readable() || event.is_read_closed() || event.is_error())
+                        && !event_loop.sending_to_bot(t / 2) => {}
+                Token(t) => event_loop.drive(t / 2, now),
+            }
+        }
+        for key in event_loop.timers.due(now) {
+            if key == ACCEPT_KEY {
+                event_loop.accept_paused = false;
+                event_loop.accept(now);
+            } else {
+                event_loop.drive(key, now);
+            }
+        }
+        if stopping.is_none() && stop.requested() {
+            status.stop_began();
+            notify.stopping();
+            info!("stop requested: no new connections; finishing requests in flight");
+            event_loop.stop_accepting();
+            stopping = Some(Stopping {
+                since: now,
+                last_busy: now,
+            });
+        }
+        if let Some(s) = &mut stopping {
+            if event_loop.busy() {
+                s.last_busy = now;
+            } else if event_loop.open() == 0 || now - s.last_busy >= STOP_IDLE {
+                break;
+            }
+            if now - s.since >= limits.stop_grace {
+                warn!(
+                    "{} requests still in flight after {} ms; exiting anyway",
+                    status.in_flight(),
+                    limits.stop_grace.as_millis()
+                );
+                break;
+            }
+        }
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// A stop under way.
+struct Stopping {
+    since: Instant,
+    /// When something was last in flight.
+    last_busy: Instant,
+}
+
+fn peer_token(i: usize) -> Token {
+    Token(2 * i)
+}
+
+fn bot_token(i: usize) -> Token {
+    Token(2 * i + 1)
+}
+
+struct EventLoop<'a> {
+    relay: &'a Relay,
+    limits: Limits,
+    status: Arc<Status>,
+    poll: Poll,
+    timers: Timers,
+    /// The connections, by slot; a slot's tokens are [`peer_token`] and
+    /// [`bot_token`], its timer key the slot itself.
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    serving: usize,
+    turning_away: usize,
+    buf: Vec<u8>,
+    /// `None` once a stop began.
+    listener: Option<Listener>,
+    accept_pause: Duration,
+    accept_paused: bool,
+}
+
+/// One web server connection.
+struct Conn {
+    sock: Sock,
+    fcgi: Connection,
+    /// Answers to send, from `sent` on.
+    out: Vec<u8>,
+    sent: usize,
+    /// While output waits for the peer: when it must be gone.
+    write_by: Option<Instant>,
+    phase: Phase,
+    /// Counted as open (served), or as one being turned away.
+    counted: Option<Registration>,
+}
+
+/// Where a connection is.
+enum Phase {
+    /// The FastCGI core reads requests and sends answers.
+    Serving,
+    /// A sign-up waits for its code's entry in the replay store.
+    Claiming(Box<Claiming>),
+    /// A sign-up's code is with the bot.
+    Exchanging(Box<Exchanging>),
+    /// The rest of the output goes out, then the connection closes.
+    Closing,
+    /// A refused request's peer is read and dropped until it closes.
+    Draining { until: Instant, left: usize },
+    /// Over the cap: the first record header decides the answer.
+    TurningAway {
+        by: Instant,
+        first: [u8; HEADER_LEN],
+        got: usize,
+    },
+    /// Turned away and answered: the peer's rest is read and dropped.
+    Lingering { until: Instant, shut: bool },
+}
+
+struct Claiming {
+    signup: Signup,
+    _in_flight: Registration,
+    deadline: Instant,
+    pause: Duration,
+}
+
+struct Exchanging {
+    signup: Signup,
+    _in_flight: Registration,
+    ticket: Option<Ticket>,
+    exchange: Exchange<Sock>,
+}
+
+/// What a connection does after one move.
+enum Next {
+    Again,
+    Wait(Instant),
+    Close,
+}
+
+impl EventLoop<'_> {
+    fn open(&self) -> usize {
+        self.serving + self.turning_away
+    }
+
+    /// Whether anything is in flight: a request in the pipeline, or an
+    /// answer still being written.
+    fn busy(&self) -> bool {
+        self.status.in_flight() > 0
+            || self
+                .conns
+                .iter()
+                .flatten()
+                .any(|c| c.sent < c.out.len() && !matches!(c.phase, Phase::Lingering { .. }))
+    }
+
+    /// Whether connection `slot`'s exchange with the bot is still sending.
+    fn sending_to_bot(&self, slot: usize) -> bool {
+        match self.conns.get(slot) {
+            Some(Some(Conn {
+                phase: Phase::Exchanging(x),
+                ..
+            })) => x.exchange.sending(),
+            _ => false,
+        }
+    }
+
+    fn stop_accepting(&mut self) {
+        if let Some(listener) = self.listener.take() {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&listener.as_raw_fd()));
+        }
+        self.timers.cancel(ACCEPT_KEY);
+    }
+
+    /// Accepts every queued connection.
+    fn accept(&mut self, now: Instant) {
+        while !self.accept_paused {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match socket::accept(listener) {
+                Ok(sock) => {
+                    self.accept_pause = ACCEPT_PAUSE;
+                    self.admit(sock, now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // A client gone before it was accepted.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                // Failures that pass (out of descriptors for a moment):
+                // the growing pause keeps a lasting one from spinning a
+                // core or flooding the log.
+                Err(e) => {
+                    warn!(
+                        "accept failed, trying again in {} ms: {e}",
+                        self.accept_pause.as_millis()
+                    );
+                    self.timers.set(ACCEPT_KEY, now + self.accept_pause);
+                    self.accept_paused = true;
+                    self.accept_pause = (self.accept_pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Takes a new connection in: served, turned away, or (past both
+    /// caps) closed unanswered.
+    fn admit(&mut self, mut sock: Sock, now: Instant) {
+        let (phase, counted, wake) = if self.serving < self.limits.max_conns {
+            self.serving += 1;
+            (
+                Phase::Serving,
+                Some(self.status.connection_opened()),
+                now + self.limits.idle_timeout,
+            )
+        } else if self.turning_away < self.limits.max_turning_away {
+            warn!(
+                "at the cap of {} connections: turning one away",
+                self.limits.max_conns
+            );
+            self.turning_away += 1;
+            let by = now + self.limits.turn_away_timeout;
+            (
+                Phase::TurningAway {
+                    by,
+                    first: [0; HEADER_LEN],
+                    got: 0,
+                },
+                None,
+                by,
+            )
+        } else {
+            warn!(
+                "at the cap of {} connections and turning away as many as allowed: closing one unanswered",
+                self.limits.max_conns
+            );
+            return;
+        };
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        if let Err(e) = sock.register(self.poll.registry(), peer_token(slot), socket::BOTH) {
+            warn!("cannot watch a new connection, closing it: {e}");
+            self.uncount(counted.is_some());
+            self.free.push(slot);
+            return;
+        }
+        // Its request is usually there already: the registration reports
+        // it at the next wait, so no read is tried before.
+        self.conns[slot] = Some(Conn {
+            sock,
+            fcgi: Connection::new(self.limits, now),
+            out: Vec::new(),
+            sent: 0,
+            write_by: None,
+            phase,
+            counted,
+        });
+        self.timers.set(slot, wake);
+    }
+
+    fn uncount(&mut self, served: bool) {
+        if served {
+            self.serving -= 1;
+        } else {
+            self.turning_away -= 1;
+        }
+    }
+
+    /// Moves connection `slot` as far as it goes at `now`.
+    fn drive(&mut self, slot: usize, now: Instant) {
+        let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) else {
+            return;
+        };
+        match self.step(&mut conn, slot, now) {
+            Some(wake) => {
+                self.timers.set(slot, wake);
+                self.conns[slot] = Some(conn);
+            }
+            None => {
+                self.timers.cancel(slot);
+                self.uncount(conn.counted.is_some());
+                self.free.push(slot);
+                // Dropped here: its sockets close (and leave the poll); a
+                // ticket still held leaves its intent behind.
+                drop(conn);
+            }
+        }
+    }
+
+    /// Sends what waits, then moves the phase on until something would
+    /// block: the time to be woken at the latest, or `None` to close.
+    fn step(&mut self, conn: &mut Conn, slot: usize, now: Instant) -> Option<Instant> {
+        loop {
+            if conn.sent < conn.out.len() {
+                match conn.sock.write(&conn.out[conn.sent..]) {
+                    Ok(0) => return None,
+                    Ok(n) => {
+                        conn.sent += n;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let by = *conn.write_by.get_or_insert(now + self.limits.write_timeout);
+                        if now >= by {
+                            info!("FastCGI connection ended: the peer read no answer in time");
+                            return None;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        info!("FastCGI connection ended: {e}");
+                        return None;
+                    }
+                }
+            } else if conn.sent > 0 {
+                // Sent whole: the buffer goes, so an idle keep-alive
+                // connection holds none.
+                conn.out = Vec::new();
+                conn.sent = 0;
+                conn.write_by = None;
+            }
+            match self.advance(conn, slot, now) {
+                Next::Again => {}
+                Next::Wait(at) => return Some(conn.write_by.map_or(at, |w| w.min(at))),
+                Next::Close => return None,
+            }
+        }
+    }
+
+    /// One move of the connection's phase.
+    fn advance(&mut self, conn: &mut Conn, slot: usize, now: Instant) -> Next {
+        let pending = conn.out.len() - conn.sent;
+        match std::mem::replace(&mut conn.phase, Phase::Closing) {
+            Phase::Serving => {
+                conn.phase = Phase::Serving;
+                if pending > OUT_CAP {
+                    return Next::Wait(conn.write_by.unwrap_or(now));
+                }
+                let step = conn.fcgi.next(now);
+                let answered = take_output(conn);
+                match step {
+                    // Answers to management records go out before the wait.
+                    Step::Read { .. } if answered => Next::Again,
+                    Step::Read { deadline } => match conn.sock.read(&mut self.buf) {
+                        Ok(n) => {
+                            conn.fcgi.feed(&self.buf[..n], now);
+                            Next::Again
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Next::Wait(deadline),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => Next::Again,
+                        Err(e) => {
+                            info!("FastCGI connection ended: {e}");
+                            Next::Close
+                        }
+                    },
+                    Step::Request(request) => {
+                        match self.relay.admit(&request) {
+                            Admission::Answered(response) => {
+                                self.status.request_answered();
+                                let cgi = response.to_cgi_bytes(request.is_head());
+                                conn.fcgi.respond(&cgi, now);
+                                take_output(conn);
+                            }
+                            Admission::Signup(signup) => {
+                                conn.phase = Phase::Claiming(Box::new(Claiming {
+                                    signup,
+                                    _in_flight: self.status.request_began(),
+                                    deadline: now + self.relay.config().bot_timeout,
+                                    pause: BUSY_PAUSE,
+                                }));
+                            }
+                        }
+                        Next::Again
+                    }
+                    Step::Close(end) => {
+                        if let Err(e) = end {
+                            info!("FastCGI connection ended: {e}");
+                        }
+                        conn.phase = if conn.fcgi.ended_unread() {
+                            Phase::Draining {
+                                until: now + DRAIN_TIME,
+                                left: DRAIN_BYTES,
+                            }
+                        } else {
+                            Phase::Closing
+                        };
+                        Next::Again
+                    }
+                }
+            }
+            Phase::Claiming(mut claiming) => match self.relay.claim(&claiming.signup) {
+                Claimed::Done(result) => {
+                    self.conclude(conn, claiming.signup, result, now);
+                    Next::Again
+                }
+                Claimed::Deliver(ticket) => {
+                    let config = self.relay.config();
+                    let Claiming {
+                        signup, _in_flight, ..
+                    } = *claiming;
+                    let exchange = Exchange::new(
+                        config.wire,
+                        self.relay.message(&signup),
+                        now,
+                        config.bot_retry,
+                        config.bot_timeout,
+                    );
+                    conn.phase = Phase::Exchanging(Box::new(Exchanging {
+                        signup,
+                        _in_flight,
+                        ticket,
+                        exchange,
+                    }));
+                    Next::Again
+                }
+                Claimed::Busy(busy) => {
+                    if now >= claiming.deadline {
+                        self.conclude(conn, claiming.signup, Err(busy.given_up()), now);
+                        return Next::Again;
+                    }
+                    let at = (now + claiming.pause).min(claiming.deadline);
+                    claiming.pause = (claiming.pause * 2).min(BUSY_PAUSE_MAX);
+                    conn.phase = Phase::Claiming(claiming);
+                    Next::Wait(at)
+                }
+            },
+            Phase::Exchanging(mut exchanging) => {
+                let mut dialer = BotDialer {
+                    addr: &self.relay.config().bot_addr,
+                    registry: self.poll.registry(),
+                    token: bot_token(slot),
+                };
+                match exchanging.exchange.advance(now, &mut dialer) {
+                    Progress::Wait(at) => {
+                        conn.phase = Phase::Exchanging(exchanging);
+                        Next::Wait(at)
+                    }
+                    Progress::Done(result) => {
+                        let Exchanging { signup, ticket, .. } = *exchanging;
+                        if let Some(ticket) = ticket {
+                            ticket.finish(&result);
+                        }
+                        self.conclude(conn, signup, first(result), now);
+                        Next::Again
+                    }
+                }
+            }
+            Phase::Closing => {
+                if pending > 0 {
+                    return Next::Wait(conn.write_by.unwrap_or(now));
+                }
+                Next::Close
+            }
+            Phase::Draining { until, left } => {
+                if pending > 0 {
+                    conn.phase = Phase::Draining { until, left };
+                    return Next::Wait(conn.write_by.unwrap_or(now));
+                }
+                match conn.sock.read(&mut self.buf) {
+                    Ok(0) => Next::Close,
+                    Ok(n) if n >= left => Next::Close,
+                    Ok(n) => {
+                        conn.phase = Phase::Draining {
+                            until,
+                            left: left - n,
+                        };
+                        Next::Again
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && now < until => {
+                        conn.phase = Phase::Draining { until, left };
+                        Next::Wait(until)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                        conn.phase = Phase::Draining { until, left };
+                        Next::Again
+                    }
+                    Err(_) => Next::Close,
+                }
+            }
+            Phase::TurningAway {
+                by,
+                mut first,
+                mut got,
+            } => match turn_away(&first[..got]) {
+                TurnAway::NeedMore => match conn.sock.read(&mut first[got..]) {
+                    Ok(0) => Next::Close,
+                    Ok(n) => {
+                        got += n;
+                        conn.phase = Phase::TurningAway { by, first, got };
+                        Next::Again
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && now < by => {
+                        conn.phase = Phase::TurningAway { by, first, got };
+                        Next::Wait(by)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                        conn.phase = Phase::TurningAway { by, first, got };
+                        Next::Again
+                    }
+                    Err(_) => Next::Close,
+                },
+                TurnAway::Answer(id) => {
+                    let busy = self.relay.overloaded().to_cgi_bytes(false);
+                    encode_overloaded(id, &busy, &mut conn.out);
+                    conn.phase = Phase::Lingering {
+                        until: now + self.limits.turn_away_timeout.min(LINGER),
+                        shut: false,
+                    };
+                    Next::Again
+                }
+                TurnAway::Ignore => Next::Close,
+            },
+            Phase::Lingering { until, shut } => {
+                if pending > 0 {
+                    conn.phase = Phase::Lingering { until, shut };
+                    return Next::Wait(conn.write_by.unwrap_or(now));
+                }
+                // A Unix socket never resets: the answer stays readable.
+                if !conn.sock.resets_on_close() {
+                    return Next::Close;
+                }
+                if !shut && conn.sock.shutdown_write().is_err() {
+                    return Next::Close;
+                }
+                conn.phase = Phase::Lingering { until, shut: true };
+                match conn.sock.read(&mut self.buf) {
+                    Ok(n) if n > 0 => Next::Again,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && now < until => {
+                        Next::Wait(until)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => Next::Again,
+                    _ => Next::Close,
+                }
+            }
+        }
+    }
+
+    /// Answers a sign-up and goes back to serving the connection.
+    fn conclude(
+        &self,
+        conn: &mut Conn,
+        signup: Signup,
+        result: Result<(BotReply, Delivery), Undelivered>,
+        now: Instant,
+    ) {
+        let response = self.relay.conclude(signup, result);
+        self.status.request_answered();
+        conn.fcgi.respond(&response.to_cgi_bytes(false), now);
+        take_output(conn);
+        conn.phase = Phase::Serving;
+    }
+}
+
+/// The bot's answer as this request's own delivery.
+fn first(result: Result<BotReply, BotError>) -> Result<(BotReply, Delivery), Undelivered> {
+    result
+        .map(|reply| (reply, Delivery::First))
+        .map_err(Undelivered::Bot)
+}
+
+/// Moves the FastCGI core's output to the connection's send buffer;
+/// whether there was any.
+fn take_output(conn: &mut Conn) -> bool {
+    if conn.fcgi.output().is_empty() {
+        return false;
+    }
+    if conn.out.is_empty() {
+        conn.out = conn.fcgi.output().to_vec();
+    } else {
+        conn.out.extend_from_slice(conn.fcgi.output());
+    }
+    conn.fcgi.clear_output();
+    true
+}
