@@ -542,3 +542,128 @@ fn params_or_body_over_64k_get_400_without_the_bot_listen_unix() {
 fn params_or_body_over_64k_get_400_without_the_bot_listen_tcp() {
     caps("tcp");
 }
+
+/// Past the cap and past the connections being turned away, a flood waits
+/// in the listener's queue: every connection gets an answer (the page or
+/// "overloaded"), none is closed with nothing, and every code that was
+/// answered with the page reached the bot once.
+#[test]
+fn a_flood_past_both_caps_is_answered_not_dropped() {
+    const FLOOD: usize = 100; // 2 served + 64 turned away at once + the rest queued
+    let store = private_dir("st");
+    let bot = Bot::start_with("json", "slow", &["--delay", "0.5"]);
+    let mut server = ListenServer::start(
+        "unix",
+        &[
+            ("REGISTER_BOT_ADDR", bot.addr()),
+            ("REGISTER_STATE_DIR", store.path_str()),
+            ("REGISTER_MAX_CONNS", "2"),
+        ],
+    );
+    let server_ref = &*server;
+    let barrier = Barrier::new(FLOOD);
+    let replies: Vec<(String, Result<FcgiReply, String>)> = thread::scope(|s| {
+        let handles: Vec<_> = (0..FLOOD)
+            .map(|i| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    let code = format!("flood-{i}");
+                    barrier.wait();
+                    let reply = try_get(server_ref, 1, &query(&code), false);
+                    (code, reply)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut approved = Vec::new();
+    for (code, reply) in replies {
+        let reply = reply.unwrap_or_else(|e| {
+            panic!(
+                "{code}: no answer ({e}); server stderr:\n{}",
+                server.stderr_text()
+            )
+        });
+        if reply.protocol_status == FCGI_OVERLOADED && reply.stdout.is_empty() {
+            continue;
+        }
+        let page = reply.http();
+        match page.status {
+            200 => {
+                assert_approved(&reply);
+                approved.push(code);
+            }
+            503 => assert!(page.body.contains("Try again"), "{}", page.body),
+            other => panic!("{code}: status {other}:\n{}", page.body),
+        }
+    }
+    assert!(approved.len() >= 2, "only {} served", approved.len());
+    let mut got = codes(&bot);
+    got.sort();
+    approved.sort();
+    assert_eq!(got, approved, "the bot got other codes than those answered");
+    assert!(server.stop().success());
+}
+
+/// One peer that sends management records as fast as it can and reads
+/// every answer never makes its socket block: it must not keep the others
+/// from being served while it goes on.
+#[test]
+fn a_peer_that_never_lets_up_does_not_starve_the_others() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let store = private_dir("st");
+    let bot = Bot::start("json", "approve");
+    let server = ListenServer::start(
+        "unix",
+        &[
+            ("REGISTER_BOT_ADDR", bot.addr()),
+            ("REGISTER_STATE_DIR", store.path_str()),
+        ],
+    );
+    let server_ref = &*server;
+    let done = AtomicBool::new(false);
+    let hog_bound = Duration::from_secs(30);
+    let (reply, hog_cut_short) = thread::scope(|s| {
+        let mut hog = server_ref.connect();
+        let mut reader = hog.try_clone().expect("cloning the hog's connection");
+        let done = &done;
+        let feeder = s.spawn(move || {
+            let one = record_bytes(
+                FCGI_GET_VALUES,
+                0,
+                &encode_pairs(&[(b"FCGI_MAX_CONNS", b"")]),
+                0,
+            );
+            let burst: Vec<u8> = one.iter().copied().cycle().take(one.len() * 2000).collect();
+            let started = Instant::now();
+            while !done.load(Ordering::SeqCst) && started.elapsed() < hog_bound {
+                if hog.write_all(&burst).is_err() {
+                    break;
+                }
+            }
+            done.load(Ordering::SeqCst)
+        });
+        let drainer = s.spawn(move || {
+            let mut sink = vec![0u8; 64 * 1024];
+            while !done.load(Ordering::SeqCst) {
+                match std::io::Read::read(&mut reader, &mut sink) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        });
+        // The hog is under way; a player signs up meanwhile.
+        thread::sleep(Duration::from_millis(300));
+        let reply = try_get(server_ref, 1, &query("while-hogged"), false);
+        done.store(true, Ordering::SeqCst);
+        let cut_short = feeder.join().unwrap();
+        drainer.join().unwrap();
+        (reply, cut_short)
+    });
+    assert_approved(&reply.unwrap_or_else(|e| panic!("no answer while hogged: {e}")));
+    assert!(
+        hog_cut_short,
+        "the sign-up was answered only after the hog stopped on its own"
+    );
+    assert_eq!(codes(&bot), ["while-hogged"]);
+}

@@ -14,7 +14,9 @@
 //!
 //! Bounds: [`Limits::max_conns`] connections are served at once; past it,
 //! up to [`Limits::max_turning_away`] more are answered "overloaded" (the
-//! 503 page and `FCGI_OVERLOADED`), and any beyond are closed unanswered.
+//! 503 page and `FCGI_OVERLOADED`), and any beyond wait in the kernel's
+//! accept queue until a connection ends. A connection gets
+//! [`STEP_TURNS`] moves per wake-up, so none can hold the loop.
 //! Every connection has a deadline whatever it does: reading a request
 //! (the FastCGI core's), the bot (its timeout), writing an answer
 //! ([`Limits::write_timeout`]), and output a peer does not read stops
@@ -75,6 +77,9 @@ const LINGER: Duration = Duration::from_millis(100);
 /// During a stop, a connection with nothing in flight for this long is
 /// an idle keep-alive one, with nothing to lose.
 const STOP_IDLE: Duration = Duration::from_secs(1);
+/// How many moves a connection makes per wake-up (a read is at most
+/// [`READ_SIZE`]) before the others get theirs.
+const STEP_TURNS: usize = 64;
 /// How often a stop looks whether it is done.
 const STOP_CHECK: Duration = Duration::from_millis(20);
 /// First pause after a failed accept; doubles up to a second.
@@ -173,6 +178,7 @@ pub fn serve(
         listener: Some(listener),
         accept_pause: ACCEPT_PAUSE,
         accept_paused: false,
+        full: false,
     };
     let mut events = Events::with_capacity(EVENTS);
     let mut stopping: Option<Stopping> = None;
@@ -190,8 +196,10 @@ pub fn serve(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-        let now = Instant::now();
         for event in events.iter() {
+            // Taken afresh for each: a round may be long, and a deadline
+            // must pass when its time comes, whatever else is ready.
+            let now = Instant::now();
             match event.token() {
                 LISTENER => event_loop.accept(now),
                 STOP => {
@@ -207,6 +215,7 @@ pub fn serve(
                 Token(t) => event_loop.drive(t / 2, now),
             }
         }
+        let now = Instant::now();
         for key in event_loop.timers.due(now) {
             if key == ACCEPT_KEY {
                 event_loop.accept_paused = false;
@@ -233,8 +242,9 @@ pub fn serve(
             }
             if now - s.since >= limits.stop_grace {
                 warn!(
-                    "{} requests still in flight after {} ms; exiting anyway",
+                    "{} requests still in flight and {} connections still being written to after {} ms; exiting anyway",
                     status.in_flight(),
+                    event_loop.writing(),
                     limits.stop_grace.as_millis()
                 );
                 break;
@@ -277,6 +287,8 @@ struct EventLoop<'a> {
     listener: Option<Listener>,
     accept_pause: Duration,
     accept_paused: bool,
+    /// Both caps reached: accepting waits for a connection to end.
+    full: bool,
 }
 
 /// One web server connection.
@@ -344,12 +356,16 @@ impl EventLoop<'_> {
     /// Whether anything is in flight: a request in the pipeline, or an
     /// answer still being written.
     fn busy(&self) -> bool {
-        self.status.in_flight() > 0
-            || self
-                .conns
-                .iter()
-                .flatten()
-                .any(|c| c.sent < c.out.len() && !matches!(c.phase, Phase::Lingering { .. }))
+        self.status.in_flight() > 0 || self.writing() > 0
+    }
+
+    /// Connections with an answer not yet all written.
+    fn writing(&self) -> usize {
+        self.conns
+            .iter()
+            .flatten()
+            .filter(|c| c.sent < c.out.len() && !matches!(c.phase, Phase::Lingering { .. }))
+            .count()
     }
 
     /// Whether connection `slot`'s exchange with the bot is still sending.
@@ -373,12 +389,28 @@ impl EventLoop<'_> {
         self.timers.cancel(ACCEPT_KEY);
     }
 
-    /// Accepts every queued connection.
+    /// Accepts every queued connection, as long as there is room: past
+    /// both caps the rest wait in the kernel's accept queue (deep, see
+    /// [`deepen_backlog`]) until a connection ends, instead of being
+    /// closed unanswered.
     fn accept(&mut self, now: Instant) {
         while !self.accept_paused {
             let Some(listener) = &self.listener else {
                 return;
             };
+            if self.serving >= self.limits.max_conns
+                && self.turning_away >= self.limits.max_turning_away
+            {
+                if !self.full {
+                    warn!(
+                        "at the cap of {} connections and turning away as many as allowed: \
+                         new connections wait in the listener's queue",
+                        self.limits.max_conns
+                    );
+                }
+                self.full = true;
+                return;
+            }
             match socket::accept(listener) {
                 Ok(sock) => {
                     self.accept_pause = ACCEPT_PAUSE;
@@ -414,10 +446,14 @@ impl EventLoop<'_> {
                 now + self.limits.idle_timeout,
             )
         } else if self.turning_away < self.limits.max_turning_away {
-            warn!(
-                "at the cap of {} connections: turning one away",
-                self.limits.max_conns
-            );
+            // Once per spell of overload, not once per connection: a flood
+            // must not flood the log too (each answer is logged anyway).
+            if self.turning_away == 0 {
+                warn!(
+                    "at the cap of {} connections: turning new ones away",
+                    self.limits.max_conns
+                );
+            }
             self.turning_away += 1;
             let by = now + self.limits.turn_away_timeout;
             (
@@ -430,10 +466,7 @@ impl EventLoop<'_> {
                 by,
             )
         } else {
-            warn!(
-                "at the cap of {} connections and turning away as many as allowed: closing one unanswered",
-                self.limits.max_conns
-            );
+            // accept() takes none past both caps.
             return;
         };
         let slot = self.free.pop().unwrap_or_else(|| {
@@ -485,6 +518,12 @@ impl EventLoop<'_> {
                 // Dropped here: its sockets close (and leave the poll); a
                 // ticket still held leaves its intent behind.
                 drop(conn);
+                // Room again: the queue sends no new readiness for the
+                // connections already waiting in it.
+                if self.full {
+                    self.full = false;
+                    self.accept(now);
+                }
             }
         }
     }
@@ -492,7 +531,7 @@ impl EventLoop<'_> {
     /// Sends what waits, then moves the phase on until something would
     /// block: the time to be woken at the latest, or `None` to close.
     fn step(&mut self, conn: &mut Conn, slot: usize, now: Instant) -> Option<Instant> {
-        loop {
+        for _ in 0..STEP_TURNS {
             if conn.sent < conn.out.len() {
                 match conn.sock.write(&conn.out[conn.sent..]) {
                     Ok(0) => return None,
@@ -526,6 +565,10 @@ impl EventLoop<'_> {
                 Next::Close => return None,
             }
         }
+        // A peer that keeps sending and reading as fast as it can never
+        // makes a socket block: it gets its turns and goes to the back of
+        // the line (the timer at once brings it back after the others).
+        Some(now)
     }
 
     /// One move of the connection's phase.
