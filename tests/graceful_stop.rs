@@ -667,3 +667,58 @@ fn a_peer_that_never_lets_up_does_not_starve_the_others() {
     );
     assert_eq!(codes(&bot), ["while-hogged"]);
 }
+
+/// Peers that each send most of a request's params and then nothing are
+/// bounded one by one by the FastCGI limits, but not in sum: past the
+/// relay's budget for requests being received, connections still sending
+/// one are let go, and a player is served all the same.
+#[test]
+fn many_half_sent_requests_are_bounded_in_sum() {
+    const PEERS: usize = 600;
+    let store = private_dir("st");
+    let bot = Bot::start("json", "approve");
+    let server = ListenServer::start(
+        "unix",
+        &[
+            ("REGISTER_BOT_ADDR", bot.addr()),
+            ("REGISTER_STATE_DIR", store.path_str()),
+        ],
+    );
+    let big = "x".repeat(60_000);
+    let params = encode_pairs(&[(b"HTTP_X_FILLER", big.as_bytes())]);
+    let mut peers = Vec::new();
+    for _ in 0..PEERS {
+        let mut conn = server.connect();
+        let mut bytes = record_bytes(
+            FCGI_BEGIN_REQUEST,
+            1,
+            &begin_request_body(FCGI_RESPONDER, 0),
+            0,
+        );
+        bytes.extend(record_bytes(FCGI_PARAMS, 1, &params, 0));
+        if conn.write_all(&bytes).is_ok() {
+            peers.push(conn);
+        }
+    }
+    // A player meanwhile.
+    assert_approved(&get(&server, &query("beside-the-hoard")));
+    let mut cut = 0;
+    for conn in &mut peers {
+        if conn.closed_within(Duration::from_millis(20)) {
+            cut += 1;
+        }
+    }
+    assert!(
+        cut > 0,
+        "{PEERS} half-sent requests of 60 kB all kept; server stderr:\n{}",
+        server.stderr_text()
+    );
+    assert!(
+        server
+            .stderr_text()
+            .contains("requests being received hold over"),
+        "{}",
+        server.stderr_text()
+    );
+    assert_eq!(codes(&bot), ["beside-the-hoard"]);
+}

@@ -77,6 +77,11 @@ const LINGER: Duration = Duration::from_millis(100);
 /// During a stop, a connection with nothing in flight for this long is
 /// an idle keep-alive one, with nothing to lose.
 const STOP_IDLE: Duration = Duration::from_secs(1);
+/// The most memory all connections together may hold for requests they
+/// are still sending (each one is bounded by the FastCGI limits, 64 KiB
+/// of params; a web server sends a request whole, so this is reached only
+/// by peers that send parts and wait).
+const REQUEST_BYTES_BUDGET: usize = 32 << 20;
 /// How many moves a connection makes per wake-up (a read is at most
 /// [`READ_SIZE`]) before the others get theirs.
 const STEP_TURNS: usize = 64;
@@ -179,6 +184,7 @@ pub fn serve(
         accept_pause: ACCEPT_PAUSE,
         accept_paused: false,
         full: false,
+        held: 0,
     };
     let mut events = Events::with_capacity(EVENTS);
     let mut stopping: Option<Stopping> = None;
@@ -289,6 +295,8 @@ struct EventLoop<'a> {
     accept_paused: bool,
     /// Both caps reached: accepting waits for a connection to end.
     full: bool,
+    /// What the connections' FastCGI cores hold, in bytes.
+    held: usize,
 }
 
 /// One web server connection.
@@ -303,6 +311,9 @@ struct Conn {
     phase: Phase,
     /// Counted as open (served), or as one being turned away.
     counted: Option<Registration>,
+    /// What its FastCGI core held when last looked at, counted in
+    /// [`EventLoop::held`].
+    held: usize,
 }
 
 /// Where a connection is.
@@ -489,6 +500,7 @@ impl EventLoop<'_> {
             write_by: None,
             phase,
             counted,
+            held: 0,
         });
         self.timers.set(slot, wake);
     }
@@ -506,12 +518,27 @@ impl EventLoop<'_> {
         let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) else {
             return;
         };
-        match self.step(&mut conn, slot, now) {
+        let mut wake = self.step(&mut conn, slot, now);
+        let held = conn.fcgi.held();
+        self.held = self.held - conn.held + held;
+        conn.held = held;
+        // Each connection's requests are bounded by the FastCGI limits,
+        // but thousands of peers each sending most of one and then nothing
+        // would add up: past the budget, the one that just grew is let go.
+        if wake.is_some() && held > 0 && self.held > REQUEST_BYTES_BUDGET {
+            warn!(
+                "requests being received hold over {} MiB: closing a connection that is still sending one",
+                REQUEST_BYTES_BUDGET >> 20
+            );
+            wake = None;
+        }
+        match wake {
             Some(wake) => {
                 self.timers.set(slot, wake);
                 self.conns[slot] = Some(conn);
             }
             None => {
+                self.held -= conn.held;
                 self.timers.cancel(slot);
                 self.uncount(conn.counted.is_some());
                 self.free.push(slot);

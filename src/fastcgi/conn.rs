@@ -162,6 +162,13 @@ impl Connection {
         self.last_fed = now;
     }
 
+    /// Memory held for what the peer sent and was not yet answered
+    /// (received bytes, a request's params being gathered), for a server
+    /// that bounds it over all its connections.
+    pub fn held(&self) -> usize {
+        self.input.capacity() + self.params.capacity()
+    }
+
     /// Bytes to send to the peer.
     pub fn output(&self) -> &[u8] {
         &self.output
