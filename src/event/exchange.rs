@@ -82,6 +82,10 @@ pub struct Exchange<S> {
     target: usize,
     phase: Phase<S>,
     reply: Vec<u8>,
+    /// The bot has shut its side of the current socket (the poll said
+    /// so): a read that drains the socket then has the whole reply, and
+    /// the read of the end of stream is not needed.
+    ended: bool,
     /// The current socket is watched for writability.
     watching_writable: bool,
 }
@@ -106,8 +110,14 @@ impl<S: BotSocket> Exchange<S> {
             target: 0,
             phase: Phase::Dial,
             reply: Vec::new(),
+            ended: false,
             watching_writable: false,
         }
+    }
+
+    /// The poll says the bot has shut its side of the current socket.
+    pub fn bot_ended(&mut self) {
+        self.ended = true;
     }
 
     /// When the exchange gives up.
@@ -142,6 +152,7 @@ impl<S: BotSocket> Exchange<S> {
                 Phase::Pause(_) | Phase::Dial => match dialer.dial(self.target) {
                     Ok(socket) => {
                         self.watching_writable = false;
+                        self.ended = false;
                         self.phase = Phase::Connecting(socket);
                     }
                     Err(e) => {
@@ -218,6 +229,11 @@ impl<S: BotSocket> Exchange<S> {
                         }
                         Ok(_) if self.reply.len() > MAX_REPLY => {
                             return self.end(Err(BotError::TooLarge));
+                        }
+                        // Less than there was room for, after the bot's end.
+                        Ok(n) if self.ended && n < more => {
+                            let reply = std::mem::take(&mut self.reply);
+                            return self.end(bot::decode(self.wire, &reply));
                         }
                         Ok(_) => self.phase = Phase::Receiving(socket),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -431,6 +447,36 @@ mod tests {
             Progress::Done(r) => r,
             Progress::Wait(at) => panic!("still waiting, until {at:?}"),
         }
+    }
+
+    /// Once the poll said the bot shut its side, a read that drains the
+    /// socket ends the reply: no read of the end of stream follows. Before
+    /// that, a reply that looks whole is not taken.
+    #[test]
+    fn a_drained_read_after_the_bots_end_is_the_whole_reply() {
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs(10);
+        // A read of the end of stream would hit Fail and show as Closed.
+        let sock = Fake {
+            reads: [Act::Data(REPLY.to_vec()), Act::Fail(io::ErrorKind::Other)].into(),
+            ..Fake::default()
+        };
+        let mut d = dial(vec![Ok(sock)]);
+        let mut x = exchange(t0);
+        // Sent and half-closed: the reply is read once the poll says so.
+        assert_eq!(wait(x.advance(t0, &mut d)), deadline);
+        x.bot_ended();
+        assert_eq!(done(x.advance(t0, &mut d)).unwrap().message, "welcome");
+        // Without the poll's word, the same reply is read on to its end.
+        let sock = Fake {
+            reads: [Act::Data(REPLY.to_vec()), Act::Block].into(),
+            ..Fake::default()
+        };
+        let mut d = dial(vec![Ok(sock)]);
+        let mut x = exchange(t0);
+        assert_eq!(wait(x.advance(t0, &mut d)), deadline);
+        assert_eq!(wait(x.advance(t0, &mut d)), deadline);
+        assert_eq!(done(x.advance(t0, &mut d)).unwrap().message, "welcome");
     }
 
     #[test]

@@ -218,7 +218,12 @@ pub fn serve(
                     if t % 2 == 1
                         && !(event.is_readable() || event.is_read_closed() || event.is_error())
                         && !event_loop.sending_to_bot(t / 2) => {}
-                Token(t) => event_loop.drive(t / 2, now),
+                Token(t) => {
+                    if t % 2 == 1 && event.is_read_closed() {
+                        event_loop.bot_ended(t / 2);
+                    }
+                    event_loop.drive(t / 2, now);
+                }
             }
         }
         let now = Instant::now();
@@ -314,6 +319,10 @@ struct Conn {
     /// What its FastCGI core held when last looked at, counted in
     /// [`EventLoop::held`].
     held: usize,
+    /// Registered with the poll (from the first time it would block).
+    watched: bool,
+    /// A read or write on it would have blocked in this step.
+    blocked: bool,
 }
 
 /// Where a connection is.
@@ -380,6 +389,17 @@ impl EventLoop<'_> {
     }
 
     /// Whether connection `slot`'s exchange with the bot is still sending.
+    /// Tells connection `slot`'s exchange that the bot shut its side.
+    fn bot_ended(&mut self, slot: usize) {
+        if let Some(Some(Conn {
+            phase: Phase::Exchanging(x),
+            ..
+        })) = self.conns.get_mut(slot)
+        {
+            x.exchange.bot_ended();
+        }
+    }
+
     fn sending_to_bot(&self, slot: usize) -> bool {
         match self.conns.get(slot) {
             Some(Some(Conn {
@@ -448,14 +468,10 @@ impl EventLoop<'_> {
 
     /// Takes a new connection in: served, turned away, or (past both
     /// caps) closed unanswered.
-    fn admit(&mut self, mut sock: Sock, now: Instant) {
-        let (phase, counted, wake) = if self.serving < self.limits.max_conns {
+    fn admit(&mut self, sock: Sock, now: Instant) {
+        let (phase, counted) = if self.serving < self.limits.max_conns {
             self.serving += 1;
-            (
-                Phase::Serving,
-                Some(self.status.connection_opened()),
-                now + self.limits.idle_timeout,
-            )
+            (Phase::Serving, Some(self.status.connection_opened()))
         } else if self.turning_away < self.limits.max_turning_away {
             // Once per spell of overload, not once per connection: a flood
             // must not flood the log too (each answer is logged anyway).
@@ -474,7 +490,6 @@ impl EventLoop<'_> {
                     got: 0,
                 },
                 None,
-                by,
             )
         } else {
             // accept() takes none past both caps.
@@ -484,14 +499,10 @@ impl EventLoop<'_> {
             self.conns.push(None);
             self.conns.len() - 1
         });
-        if let Err(e) = sock.register(self.poll.registry(), peer_token(slot), socket::BOTH) {
-            warn!("cannot watch a new connection, closing it: {e}");
-            self.uncount(counted.is_some());
-            self.free.push(slot);
-            return;
-        }
-        // Its request is usually there already: the registration reports
-        // it at the next wait, so no read is tried before.
+        // Its request is usually there already, and its answer usually
+        // fits the socket's buffer: it is read at once (the timer brings it
+        // round in this same turn of the loop), and watched by the poll
+        // only once a read or a write on it would block.
         self.conns[slot] = Some(Conn {
             sock,
             fcgi: Connection::new(self.limits, now),
@@ -501,8 +512,10 @@ impl EventLoop<'_> {
             phase,
             counted,
             held: 0,
+            watched: false,
+            blocked: false,
         });
-        self.timers.set(slot, wake);
+        self.timers.set(slot, now);
     }
 
     fn uncount(&mut self, served: bool) {
@@ -519,6 +532,19 @@ impl EventLoop<'_> {
             return;
         };
         let mut wake = self.step(&mut conn, slot, now);
+        if wake.is_some() && conn.blocked && !conn.watched {
+            match conn
+                .sock
+                .register(self.poll.registry(), peer_token(slot), socket::BOTH)
+            {
+                Ok(()) => conn.watched = true,
+                Err(e) => {
+                    warn!("cannot watch a connection, closing it: {e}");
+                    wake = None;
+                }
+            }
+        }
+        conn.blocked = false;
         let held = conn.fcgi.held();
         self.held = self.held - conn.held + held;
         conn.held = held;
@@ -567,6 +593,7 @@ impl EventLoop<'_> {
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        conn.blocked = true;
                         let by = *conn.write_by.get_or_insert(now + self.limits.write_timeout);
                         if now >= by {
                             info!("FastCGI connection ended: the peer read no answer in time");
@@ -617,7 +644,10 @@ impl EventLoop<'_> {
                             conn.fcgi.feed(&self.buf[..n], now);
                             Next::Again
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Next::Wait(deadline),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            conn.blocked = true;
+                            Next::Wait(deadline)
+                        }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => Next::Again,
                         Err(e) => {
                             info!("FastCGI connection ended: {e}");
@@ -738,6 +768,7 @@ impl EventLoop<'_> {
                         Next::Again
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock && now < until => {
+                        conn.blocked = true;
                         conn.phase = Phase::Draining { until, left };
                         Next::Wait(until)
                     }
@@ -761,6 +792,7 @@ impl EventLoop<'_> {
                         Next::Again
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock && now < by => {
+                        conn.blocked = true;
                         conn.phase = Phase::TurningAway { by, first, got };
                         Next::Wait(by)
                     }
@@ -797,6 +829,7 @@ impl EventLoop<'_> {
                 match conn.sock.read(&mut self.buf) {
                     Ok(n) if n > 0 => Next::Again,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock && now < until => {
+                        conn.blocked = true;
                         Next::Wait(until)
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => Next::Again,
