@@ -134,101 +134,6 @@ pub fn pollfd(fd: &impl AsRawFd, events: libc::c_short) -> libc::pollfd {
     }
 }
 
-/// Connects to a Unix socket within `timeout`. A Unix connect blocks
-/// while the peer's accept backlog is full and std offers no timeout for
-/// it, so it is made non-blocking and bounded by `poll`.
-pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
-    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= sa.sun_path.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "socket path too long",
-        ));
-    }
-    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, src) in sa.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: plain socket(2) call; the fd is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh socket that nothing else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    // SAFETY: sa is a valid sockaddr_un of length len; fd is open.
-    let rc = unsafe { libc::connect(fd, (&raw const sa).cast::<libc::sockaddr>(), len) };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EAGAIN) && err.raw_os_error() != Some(libc::EINPROGRESS)
-        {
-            return Err(err);
-        }
-        let mut fds = [pollfd(&owned, libc::POLLOUT)];
-        if poll(&mut fds, Some(timeout))? == 0 {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        match socket_option(fd, libc::SO_ERROR) {
-            None => return Err(io::Error::last_os_error()),
-            Some(0) => {}
-            Some(e) => return Err(io::Error::from_raw_os_error(e)),
-        }
-    }
-    let stream = UnixStream::from(owned);
-    stream.set_nonblocking(false)?;
-    Ok(stream)
-}
-
-/// Connects over TCP within `timeout` with a blocking `connect`: Linux
-/// bounds a blocking connect by `SO_SNDTIMEO`, so one option set on the
-/// fresh socket replaces std's non-blocking dance (two `ioctl`s, a `poll`
-/// and a `getsockopt`). The send timeout stays set for what follows.
-pub fn connect_tcp(addr: &SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let (family, storage, len) = sockaddr_of(addr);
-    // SAFETY: plain socket(2) call; the fd is owned right away.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh socket that nothing else owns.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    set_timeout(fd, libc::SO_SNDTIMEO, timeout)?;
-    // SAFETY: storage holds a valid sockaddr of length len; fd is open.
-    let rc = unsafe { libc::connect(fd, (&raw const storage).cast::<libc::sockaddr>(), len) };
-    if rc == 0 {
-        return Ok(TcpStream::from(owned));
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        // The send timeout ran out (connect(2): EINPROGRESS on a
-        // blocking socket with a timeout).
-        Some(libc::EINPROGRESS) | Some(libc::EAGAIN) => Err(io::ErrorKind::TimedOut.into()),
-        // A signal: the connection goes on in the background; wait
-        // for it the way a non-blocking connect does.
-        Some(libc::EINTR) => {
-            let mut fds = [pollfd(&owned, libc::POLLOUT)];
-            if poll(&mut fds, Some(timeout))? == 0 {
-                return Err(io::ErrorKind::TimedOut.into());
-            }
-            match socket_option(fd, libc::SO_ERROR) {
-                None => Err(io::Error::last_os_error()),
-                Some(0) => Ok(TcpStream::from(owned)),
-                Some(e) => Err(io::Error::from_raw_os_error(e)),
-            }
-        }
-        _ => Err(err),
-    }
-}
-
 fn sockaddr_of(addr: &SocketAddr) -> (libc::c_int, libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
@@ -263,31 +168,6 @@ fn sockaddr_of(addr: &SocketAddr) -> (libc::c_int, libc::sockaddr_storage, libc:
             let len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
             (libc::AF_INET6, storage, len)
         }
-    }
-}
-
-/// Sets `SO_SNDTIMEO` or `SO_RCVTIMEO` (a zero duration would mean "no
-/// bound", so it is raised to 1 µs).
-fn set_timeout(fd: RawFd, opt: libc::c_int, timeout: Duration) -> io::Result<()> {
-    let timeout = timeout.max(Duration::from_micros(1));
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: a valid timeval of the given size; a bad fd only errors.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            (&raw const tv).cast::<libc::c_void>(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 
@@ -532,16 +412,6 @@ pub fn release_standard_streams() -> io::Result<()> {
         check(unsafe { libc::dup2(null.as_raw_fd(), fd) })?;
     }
     Ok(())
-}
-
-/// Caps glibc's malloc arenas. glibc gives each new thread its own arena
-/// (up to 8 per core), each holding on to freed memory: with a few hundred
-/// connection threads that is most of the process's memory. Call before
-/// starting threads.
-pub fn limit_malloc_arenas(arenas: i32) {
-    // SAFETY: mallopt only tunes the allocator and has no memory-safety
-    // preconditions.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
 }
 
 /// CPU time the calling thread has used so far (user and kernel).
@@ -884,30 +754,6 @@ mod tests {
         assert_eq!(poll(&mut fds, Some(Duration::from_millis(10))).unwrap(), 0);
         std::io::Write::write_all(&mut b, b"x").unwrap();
         assert_eq!(poll(&mut fds, Some(Duration::from_secs(5))).unwrap(), 1);
-    }
-
-    #[test]
-    fn a_tcp_connect_is_bounded_by_its_timeout() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let timeout = Duration::from_millis(200);
-        let first = connect_tcp(&addr, timeout).unwrap();
-        assert_eq!(first.peer_addr().unwrap(), addr);
-        // A full accept queue drops the SYNs: the connect blocks until the
-        // send timeout ends it.
-        relisten(&listener, 0).unwrap();
-        let mut held = vec![first];
-        let err = loop {
-            match connect_tcp(&addr, timeout) {
-                Ok(s) if held.len() < 64 => held.push(s),
-                Ok(_) => panic!("64 connections queued on a backlog of 0"),
-                Err(e) => break e,
-            }
-        };
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
-        drop(listener);
-        let refused = connect_tcp(&addr, timeout).unwrap_err();
-        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
     }
 
     #[test]
