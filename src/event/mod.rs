@@ -82,6 +82,8 @@ const STOP_IDLE: Duration = Duration::from_secs(1);
 /// of params; a web server sends a request whole, so this is reached only
 /// by peers that send parts and wait).
 const REQUEST_BYTES_BUDGET: usize = 32 << 20;
+/// How often a warning a flood repeats may be logged.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 /// How many moves a connection makes per wake-up (a read is at most
 /// [`READ_SIZE`]) before the others get theirs.
 const STEP_TURNS: usize = 64;
@@ -185,6 +187,9 @@ pub fn serve(
         accept_paused: false,
         full: false,
         held: 0,
+        cap_warning: Throttle::default(),
+        full_warning: Throttle::default(),
+        budget_warning: Throttle::default(),
     };
     let mut events = Events::with_capacity(EVENTS);
     let mut stopping: Option<Stopping> = None;
@@ -302,6 +307,29 @@ struct EventLoop<'a> {
     full: bool,
     /// What the connections' FastCGI cores hold, in bytes.
     held: usize,
+    cap_warning: Throttle,
+    full_warning: Throttle,
+    budget_warning: Throttle,
+}
+
+/// At most one log line per [`WARN_EVERY`] for a condition a flood can
+/// repeat thousands of times a second, with a count of the others.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl Throttle {
+    /// `Some(times suppressed since the last line)` when a line may go out.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        if self.last.is_some_and(|last| now < last + WARN_EVERY) {
+            self.since += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.since))
+    }
 }
 
 /// One web server connection.
@@ -432,10 +460,13 @@ impl EventLoop<'_> {
             if self.serving >= self.limits.max_conns
                 && self.turning_away >= self.limits.max_turning_away
             {
-                if !self.full {
+                if !self.full
+                    && let Some(more) = self.full_warning.allow(now)
+                {
                     warn!(
                         "at the cap of {} connections and turning away as many as allowed: \
-                         new connections wait in the listener's queue",
+                         new connections wait in the listener's queue ({more} more times since \
+                         the last such line)",
                         self.limits.max_conns
                     );
                 }
@@ -475,9 +506,12 @@ impl EventLoop<'_> {
         } else if self.turning_away < self.limits.max_turning_away {
             // Once per spell of overload, not once per connection: a flood
             // must not flood the log too (each answer is logged anyway).
-            if self.turning_away == 0 {
+            if self.turning_away == 0
+                && let Some(more) = self.cap_warning.allow(now)
+            {
                 warn!(
-                    "at the cap of {} connections: turning new ones away",
+                    "at the cap of {} connections: turning new ones away ({more} more times \
+                     since the last such line)",
                     self.limits.max_conns
                 );
             }
@@ -548,36 +582,70 @@ impl EventLoop<'_> {
         let held = conn.fcgi.held();
         self.held = self.held - conn.held + held;
         conn.held = held;
-        // Each connection's requests are bounded by the FastCGI limits,
-        // but thousands of peers each sending most of one and then nothing
-        // would add up: past the budget, the one that just grew is let go.
-        if wake.is_some() && held > 0 && self.held > REQUEST_BYTES_BUDGET {
-            warn!(
-                "requests being received hold over {} MiB: closing a connection that is still sending one",
-                REQUEST_BYTES_BUDGET >> 20
-            );
-            wake = None;
-        }
         match wake {
             Some(wake) => {
                 self.timers.set(slot, wake);
                 self.conns[slot] = Some(conn);
             }
-            None => {
-                self.held -= conn.held;
-                self.timers.cancel(slot);
-                self.uncount(conn.counted.is_some());
-                self.free.push(slot);
-                // Dropped here: its sockets close (and leave the poll); a
-                // ticket still held leaves its intent behind.
-                drop(conn);
-                // Room again: the queue sends no new readiness for the
-                // connections already waiting in it.
-                if self.full {
-                    self.full = false;
-                    self.accept(now);
-                }
+            None => self.close(slot, conn, now),
+        }
+        // Each connection's request is bounded by the FastCGI limits, but
+        // thousands of peers each sending most of one and then nothing
+        // would add up: past the budget, the connections holding the most
+        // go first. A web server sends a request whole and small, so those
+        // are the ones sending parts and waiting.
+        while self.held > REQUEST_BYTES_BUDGET {
+            let Some(largest) = self.largest_holder() else {
+                break;
+            };
+            let Some(conn) = self.conns[largest].take() else {
+                break;
+            };
+            if let Some(dropped) = self.budget_warning.allow(now) {
+                warn!(
+                    "requests being received hold over {} MiB: closing the connections that hold \
+                     the most ({dropped} more closed since the last such line)",
+                    REQUEST_BYTES_BUDGET >> 20
+                );
             }
+            self.close(largest, conn, now);
+        }
+    }
+
+    /// The connection holding the most for a request it is still sending.
+    /// One whose code is with the store or the bot, or whose answer is
+    /// going out, is never let go for this: its player's answer would be
+    /// lost.
+    fn largest_holder(&self) -> Option<usize> {
+        self.conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
+            .filter(|(_, c)| {
+                c.held > 0
+                    && !matches!(
+                        c.phase,
+                        Phase::Claiming(..) | Phase::Exchanging(..) | Phase::Closing
+                    )
+            })
+            .max_by_key(|(_, c)| c.held)
+            .map(|(i, _)| i)
+    }
+
+    /// Lets connection `slot` go.
+    fn close(&mut self, slot: usize, conn: Conn, now: Instant) {
+        self.held -= conn.held;
+        self.timers.cancel(slot);
+        self.uncount(conn.counted.is_some());
+        self.free.push(slot);
+        // Dropped here: its sockets close (and leave the poll); a ticket
+        // still held leaves its intent behind.
+        drop(conn);
+        // Room again: the queue sends no new readiness for the
+        // connections already waiting in it.
+        if self.full {
+            self.full = false;
+            self.accept(now);
         }
     }
 

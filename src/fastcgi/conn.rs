@@ -162,11 +162,13 @@ impl Connection {
         self.last_fed = now;
     }
 
-    /// Memory held for what the peer sent and was not yet answered
-    /// (received bytes, a request's params being gathered), for a server
-    /// that bounds it over all its connections.
+    /// Bytes of a request still being received: bytes not yet parsed and
+    /// the params gathered so far (zero between requests, and once a
+    /// request is whole), for a server that bounds them over all its
+    /// connections. The buffers' capacity is at most twice this, or the
+    /// largest request the connection has had.
     pub fn held(&self) -> usize {
-        self.input.capacity() + self.params.capacity()
+        self.input.len() - self.start + self.params.len()
     }
 
     /// Bytes to send to the peer.
