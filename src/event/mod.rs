@@ -48,7 +48,7 @@ use crate::relay::{Admission, Claimed, Relay, Signup};
 use crate::replay::{BUSY_PAUSE, BUSY_PAUSE_MAX, Delivery, Ticket, Undelivered};
 use crate::server::Status;
 use crate::server::counter::Registration;
-use crate::server::stop::StopSignal;
+use crate::server::stop::{Signals, StopSignal};
 use crate::{sys, systemd};
 pub use exchange::{Exchange, Progress};
 use socket::{BotDialer, Sock};
@@ -145,7 +145,7 @@ pub fn serve(
     limits: &Limits,
     status: Arc<Status>,
 ) -> io::Result<()> {
-    let stop = StopSignal::install()?;
+    let stop = StopSignal::install(Signals::Service)?;
     let watcher = stop.watcher()?;
     watcher.set_nonblocking(true)?;
     // Edge-triggered: the listener is accepted from until it would block,

@@ -113,7 +113,7 @@ pub fn serve_serial(
     limits: &Limits,
     status: Arc<Status>,
 ) -> io::Result<()> {
-    let stop = StopSignal::install()?;
+    let stop = StopSignal::install(stop::Signals::Child)?;
     // The wait for a connection is a plain blocking accept, with no poll
     // beside it for the stop: the stop thread interrupts the accept with a
     // signal instead, for as long as it goes on.

@@ -14,35 +14,67 @@ use log::warn;
 use crate::net::{Listener, Stream};
 use crate::sys;
 
-/// Signals that ask for a graceful stop. SIGHUP too: its default would
-/// end the process on the spot with requests in flight (a closed terminal,
-/// an operator expecting a reload).
-const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGHUP];
+/// Signals that ask for a graceful stop.
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1];
+
+/// Which signals stop a server gracefully.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signals {
+    /// SIGTERM, SIGINT, SIGUSR1: a web server's children (mod_fcgid's
+    /// fd-0 processes). SIGHUP keeps its default there: Apache's hard
+    /// restart sends it to its whole process group and has already cut
+    /// the connections, so the process should end at once.
+    Child,
+    /// SIGHUP as well, for a service that runs on its own: its default
+    /// would end the process on the spot with requests in flight (a
+    /// closed terminal, an operator expecting a reload).
+    Service,
+}
+
+impl Signals {
+    fn list(self) -> &'static [libc::c_int] {
+        const WITH_HUP: [libc::c_int; 4] = [
+            STOP_SIGNALS[0],
+            STOP_SIGNALS[1],
+            STOP_SIGNALS[2],
+            libc::SIGHUP,
+        ];
+        match self {
+            Signals::Child => &STOP_SIGNALS,
+            Signals::Service => &WITH_HUP,
+        }
+    }
+}
 
 /// The stop signals, watched from the moment it is installed.
 pub struct StopSignal {
     flag: Arc<AtomicBool>,
     wake: UnixStream,
+    signals: Signals,
 }
 
 impl StopSignal {
     /// Starts watching the stop signals.
-    pub fn install() -> io::Result<StopSignal> {
+    pub fn install(signals: Signals) -> io::Result<StopSignal> {
         let flag = Arc::new(AtomicBool::new(false));
         let (wake, notify) = UnixStream::pair()?;
         wake.set_nonblocking(true)?;
-        for sig in STOP_SIGNALS {
+        for &sig in signals.list() {
             signal_hook::flag::register(sig, flag.clone())?;
             signal_hook::low_level::pipe::register(sig, notify.try_clone()?)?;
         }
-        Ok(StopSignal { flag, wake })
+        Ok(StopSignal {
+            flag,
+            wake,
+            signals,
+        })
     }
 
     /// A socket that becomes readable when a stop signal arrives, for a
     /// thread other than the accept loop.
     pub fn watcher(&self) -> io::Result<UnixStream> {
         let (watcher, notify) = UnixStream::pair()?;
-        for sig in STOP_SIGNALS {
+        for &sig in self.signals.list() {
             signal_hook::low_level::pipe::register(sig, notify.try_clone()?)?;
         }
         if self.requested() {
