@@ -204,13 +204,19 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// The most containers a pickle reply may make: one dict is a reply, and
+/// a few more leave room for fields the relay ignores, not for nesting
+/// deep enough to overflow the decoder's stack.
+pub const PICKLE_CONTAINERS: usize = 64;
+
 /// Reads the bot's reply: an object (a dict in pickle) with `success` and
 /// `message`; unknown fields are ignored.
 ///
 /// A pickle is read as plain data only. serde-pickle never imports or
 /// calls anything: the few builtins it knows (`set`, `frozenset`,
 /// `bytearray`, …) it rebuilds as data, and any other global is an error,
-/// so a reply cannot make the relay run code.
+/// so a reply cannot make the relay run code. How deep it may nest is
+/// bounded before it is decoded ([`PICKLE_CONTAINERS`]).
 pub fn decode(wire: Wire, bytes: &[u8]) -> Result<BotReply, BotError> {
     if bytes.is_empty() {
         return Err(BotError::Closed);
@@ -226,6 +232,16 @@ pub fn decode(wire: Wire, bytes: &[u8]) -> Result<BotReply, BotError> {
             serde_json::from_slice(bytes).map_err(|e| invalid(&e))
         }
         Wire::Pickle => {
+            // Before the decoder, which recurses as deep as the pickle nests.
+            match crate::pickle::containers(bytes) {
+                Ok(n) if n <= PICKLE_CONTAINERS => {}
+                Ok(n) => {
+                    return Err(BotError::Invalid(format!(
+                        "reply makes {n} containers (a reply is one dict)"
+                    )));
+                }
+                Err(e) => return Err(BotError::Invalid(e)),
+            }
             let value = serde_pickle::value_from_slice(bytes, serde_pickle::DeOptions::new())
                 .map_err(|e| invalid(&e))?;
             if !matches!(value, serde_pickle::Value::Dict(_)) {
@@ -701,6 +717,21 @@ mod tests {
             let _ = held.recv();
         });
         (addr, hold, peer)
+    }
+
+    /// A pickle nested thousands deep (a few kilobytes) is refused before
+    /// the decoder, whose recursion it would overflow.
+    #[test]
+    fn a_deeply_nested_pickle_is_refused_not_a_crash() {
+        let depth = 20_000;
+        let mut bytes = b"\x80\x02".to_vec();
+        bytes.extend(std::iter::repeat_n(b']', depth));
+        bytes.extend(std::iter::repeat_n(b'a', depth - 1));
+        bytes.push(b'.');
+        match decode(Wire::Pickle, &bytes) {
+            Err(BotError::Invalid(why)) => assert!(why.contains("containers"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// The reply ends at the bot's end of stream, as on the old wire: one

@@ -21,6 +21,7 @@ pub mod limits;
 pub mod net;
 pub mod outcome;
 pub mod page;
+pub mod pickle;
 pub mod redirect;
 pub mod relay;
 pub mod replay;
