@@ -344,7 +344,7 @@ impl Drop for Apache {
 }
 
 /// kill(1) with a signal name; `target` may be `-PGID`.
-fn signal(target: &str, sig: &str) {
+pub(super) fn signal(target: &str, sig: &str) {
     let _ = Command::new("kill")
         .args(["-s", sig, "--", target])
         .stdin(Stdio::null())

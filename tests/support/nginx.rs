@@ -6,16 +6,19 @@
 
 use std::fs::{self, File};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::apache::repo;
+use super::apache::{repo, signal};
 use super::ports::free_port;
-use super::process::{TempDir, kill_and_reap, read_text, wait_until};
+use super::process::{TempDir, read_text, wait_until};
 
 /// How long nginx may take to start listening.
 const NGINX_START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long nginx may take to stop on SIGTERM.
+const NGINX_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The socket the shipped snippet passes to, replaced by the relay's.
 const SHIPPED_PASS: &str = "fastcgi_pass unix:/run/tourney-register/fcgi.sock;";
 
@@ -99,6 +102,8 @@ impl Nginx {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&stderr).expect("nginx stderr file"))
+            // Its own group, so that its worker goes with it.
+            .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", nginx().display()));
         let mut nginx = Nginx {
@@ -112,7 +117,7 @@ impl Nginx {
             TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
         });
         if !up {
-            kill_and_reap(&mut nginx.child);
+            nginx.stop();
             panic!(
                 "nginx did not listen on {addr} within {NGINX_START_TIMEOUT:?}:\n{}",
                 read_text(&nginx.stderr)
@@ -132,9 +137,25 @@ impl Nginx {
     }
 }
 
+impl Nginx {
+    /// SIGTERM (nginx's fast stop: the master ends its worker, then
+    /// itself), at most [`NGINX_STOP_TIMEOUT`], then SIGKILL to the whole
+    /// group: a master killed outright would leave its worker running.
+    fn stop(&mut self) {
+        let pid = self.child.id();
+        signal(&pid.to_string(), "TERM");
+        let _ = wait_until(NGINX_STOP_TIMEOUT, || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        signal(&format!("-{pid}"), "KILL");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
-        kill_and_reap(&mut self.child);
+        self.stop();
         if std::thread::panicking() {
             eprintln!("[support] nginx stderr:\n{}", read_text(&self.stderr));
         }
