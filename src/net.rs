@@ -187,17 +187,6 @@ impl Listener {
             Listener::Unix(..) => Stream::Unix(UnixStream::from(fd)),
         })
     }
-
-    /// The next connection (blocking).
-    pub fn accept(&self) -> io::Result<Stream> {
-        match self {
-            Listener::Tcp(l) => l.accept().map(|(s, _)| {
-                let _ = s.set_nodelay(true);
-                Stream::Tcp(s)
-            }),
-            Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
-        }
-    }
 }
 
 impl AsRawFd for Listener {

@@ -1,18 +1,11 @@
 //! The graceful stop: SIGTERM (mod_fcgid's and systemd's stop), SIGINT
-//! and SIGUSR1 stop the accepting; what happens to requests in flight is
-//! the serving loop's business.
+//! and SIGUSR1 (and SIGHUP for a service) stop the accepting; what happens
+//! to requests in flight is the serving loop's business.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread;
-use std::time::Duration;
-
-use log::warn;
-
-use crate::net::{Listener, Stream};
-use crate::sys;
 
 /// Signals that ask for a graceful stop.
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGUSR1];
@@ -49,7 +42,6 @@ impl Signals {
 /// The stop signals, watched from the moment it is installed.
 pub struct StopSignal {
     flag: Arc<AtomicBool>,
-    wake: UnixStream,
     signals: Signals,
 }
 
@@ -57,17 +49,10 @@ impl StopSignal {
     /// Starts watching the stop signals.
     pub fn install(signals: Signals) -> io::Result<StopSignal> {
         let flag = Arc::new(AtomicBool::new(false));
-        let (wake, notify) = UnixStream::pair()?;
-        wake.set_nonblocking(true)?;
         for &sig in signals.list() {
             signal_hook::flag::register(sig, flag.clone())?;
-            signal_hook::low_level::pipe::register(sig, notify.try_clone()?)?;
         }
-        Ok(StopSignal {
-            flag,
-            wake,
-            signals,
-        })
+        Ok(StopSignal { flag, signals })
     }
 
     /// A socket that becomes readable when a stop signal arrives, for a
@@ -86,51 +71,6 @@ impl StopSignal {
     /// Whether a stop was asked for.
     pub fn requested(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
-    }
-
-    /// The next connection, or `None` once a stop was asked for.
-    pub fn next_connection(&self, listener: &Listener) -> io::Result<Option<Stream>> {
-        let mut pause = Duration::from_millis(10);
-        while self.wait_for_connection(listener)? {
-            match listener.accept() {
-                Ok(stream) => return Ok(Some(stream)),
-                // Failures that pass (a client gone before accept, out of
-                // file descriptors for a moment); the growing pause keeps a
-                // lasting one from spinning a core or flooding the log.
-                Err(e) => {
-                    warn!(
-                        "accept failed, trying again in {} ms: {e}",
-                        pause.as_millis()
-                    );
-                    thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    /// Blocks until the listener has a connection (true) or a stop was
-    /// asked for (false).
-    fn wait_for_connection(&self, listener: &Listener) -> io::Result<bool> {
-        loop {
-            if self.requested() {
-                return Ok(false);
-            }
-            let mut fds = [
-                sys::pollfd(listener, libc::POLLIN),
-                sys::pollfd(&self.wake, libc::POLLIN),
-            ];
-            sys::poll(&mut fds, None)?;
-            if fds[1].revents != 0 {
-                let mut sink = [0u8; 64];
-                let _ = (&self.wake).read(&mut sink);
-                continue;
-            }
-            if fds[0].revents != 0 {
-                return Ok(true);
-            }
-        }
     }
 }
 
