@@ -780,21 +780,8 @@ impl Inner {
     fn lock(&self, byte: u64, deadline: Instant) -> io::Result<Option<Locked<'_>>> {
         let mut pause = Duration::from_millis(1);
         loop {
-            {
-                let mut held = self.held_set();
-                while held.contains(&byte) {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Ok(None);
-                    }
-                    self.waiting.fetch_add(1, Ordering::Relaxed);
-                    held = self
-                        .freed
-                        .wait_timeout(held, left)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                    self.waiting.fetch_sub(1, Ordering::Relaxed);
-                }
+            if !self.wait_released(self.held_set(), byte, deadline) {
+                return Ok(None);
             }
             if let Some(locked) = self.try_lock(byte)? {
                 return Ok(Some(locked));
@@ -806,6 +793,30 @@ impl Inner {
             thread::sleep(pause.min(deadline - now));
             pause = (pause * 2).min(Duration::from_millis(20));
         }
+    }
+
+    /// Waits, until `deadline` at the most, for this process to give up
+    /// lock byte `byte`: whether it did.
+    fn wait_released(
+        &self,
+        mut held: MutexGuard<'_, HashSet<u64>>,
+        byte: u64,
+        deadline: Instant,
+    ) -> bool {
+        while held.contains(&byte) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+            held = self
+                .freed
+                .wait_timeout(held, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        true
     }
 
     fn bucket_lock(&self, bucket: u64) -> u64 {
@@ -924,21 +935,9 @@ impl Inner {
     /// another process or nothing in particular holds it, until `until`.
     fn wait_for(&self, busy: Busy, until: Instant, deadline: Instant) {
         if let Some(byte) = busy.byte {
-            let mut held = self.held_set();
+            let held = self.held_set();
             if held.contains(&byte) {
-                while held.contains(&byte) {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return;
-                    }
-                    self.waiting.fetch_add(1, Ordering::Relaxed);
-                    held = self
-                        .freed
-                        .wait_timeout(held, left)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                    self.waiting.fetch_sub(1, Ordering::Relaxed);
-                }
+                self.wait_released(held, byte, deadline);
                 return;
             }
         }
