@@ -740,3 +740,43 @@ fn many_half_sent_requests_are_bounded_in_sum() {
     );
     assert_eq!(codes(&bot), ["beside-the-hoard"]);
 }
+
+/// Past the cap the answer goes out as soon as the first record's header
+/// is in, while the web server may still be writing the rest of its
+/// request: that rest is read, not refused with a broken pipe (Apache's
+/// mod_proxy_fcgi then shows its own empty 503 instead of the page).
+#[test]
+fn an_over_cap_request_still_being_written_gets_the_overload_page() {
+    let store = private_dir("st");
+    let bot = Bot::start_with("json", "slow", &["--delay", "2"]);
+    let server = ListenServer::start(
+        "unix",
+        &[
+            ("REGISTER_BOT_ADDR", bot.addr()),
+            ("REGISTER_STATE_DIR", store.path_str()),
+            ("REGISTER_MAX_CONNS", "1"),
+        ],
+    );
+    let server_ref = &*server;
+    thread::scope(|s| {
+        let busy = s.spawn(|| get(server_ref, &query("holding-the-slot")));
+        assert_eq!(
+            bot.wait_received(1, Duration::from_secs(5)).len(),
+            1,
+            "the busy request never reached the bot"
+        );
+        let mut late = server_ref.connect();
+        let params = get_params(&query("over-cap-in-pieces"));
+        let request = request_bytes(1, &as_pairs(&params), &[], false);
+        let (begin, rest) = request.split_at(16);
+        late.write_all(begin).unwrap();
+        thread::sleep(Duration::from_millis(50));
+        late.write_all(rest)
+            .unwrap_or_else(|e| panic!("the rest of the request was refused: {e}"));
+        let reply = try_read_reply(&mut late, 1).unwrap_or_else(|e| panic!("no answer: {e}"));
+        assert_eq!(reply.http().status, 503, "{reply:?}");
+        assert!(reply.http().body.contains("Try again"), "{reply:?}");
+        assert_approved(&busy.join().unwrap());
+    });
+    assert_eq!(codes(&bot), ["holding-the-slot"]);
+}

@@ -886,10 +886,12 @@ impl EventLoop<'_> {
                     conn.phase = Phase::Lingering { until, shut };
                     return Next::Wait(conn.write_by.unwrap_or(now));
                 }
-                // A Unix socket never resets: the answer stays readable.
-                if !conn.sock.resets_on_close() {
-                    return Next::Close;
-                }
+                // The answer may go out before the peer has sent its whole
+                // request (it is answered on the first record's header):
+                // closing now would reset a TCP connection, and a web server
+                // still writing to a Unix socket would fail on a broken pipe
+                // and show its own error instead of the answer. So the rest
+                // is read and dropped until the peer ends, for a moment.
                 if !shut && conn.sock.shutdown_write().is_err() {
                     return Next::Close;
                 }

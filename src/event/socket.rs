@@ -61,12 +61,6 @@ impl Sock {
             Sock::Unix(s) => s.shutdown(Shutdown::Write),
         }
     }
-
-    /// Whether closing it with unread input would reset it (TCP does; a
-    /// Unix socket keeps what was written readable).
-    pub fn resets_on_close(&self) -> bool {
-        matches!(self, Sock::Tcp(_))
-    }
 }
 
 impl Read for Sock {
