@@ -321,14 +321,18 @@ struct Throttle {
 }
 
 impl Throttle {
-    /// `Some(times suppressed since the last line)` when a line may go out.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
+    /// When a line may go out, what to add to it: how many times it was
+    /// held back since the last one, if any.
+    fn allow(&mut self, now: Instant) -> Option<String> {
         if self.last.is_some_and(|last| now < last + WARN_EVERY) {
             self.since += 1;
             return None;
         }
         self.last = Some(now);
-        Some(std::mem::take(&mut self.since))
+        Some(match std::mem::take(&mut self.since) {
+            0 => String::new(),
+            n => format!(" ({n} more since the last such line)"),
+        })
     }
 }
 
@@ -465,8 +469,7 @@ impl EventLoop<'_> {
                 {
                     warn!(
                         "at the cap of {} connections and turning away as many as allowed: \
-                         new connections wait in the listener's queue ({more} more times since \
-                         the last such line)",
+                         new connections wait in the listener's queue{more}",
                         self.limits.max_conns
                     );
                 }
@@ -510,8 +513,7 @@ impl EventLoop<'_> {
                 && let Some(more) = self.cap_warning.allow(now)
             {
                 warn!(
-                    "at the cap of {} connections: turning new ones away ({more} more times \
-                     since the last such line)",
+                    "at the cap of {} connections: turning new ones away{more}",
                     self.limits.max_conns
                 );
             }
@@ -604,7 +606,7 @@ impl EventLoop<'_> {
             if let Some(dropped) = self.budget_warning.allow(now) {
                 warn!(
                     "requests being received hold over {} MiB: closing the connections that hold \
-                     the most ({dropped} more closed since the last such line)",
+                     the most{dropped}",
                     REQUEST_BYTES_BUDGET >> 20
                 );
             }

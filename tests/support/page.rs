@@ -147,3 +147,24 @@ pub fn assert_answer_page(h: &HttpLike, ok: bool, message: &str) {
         .expect("Content-Length");
     assert_eq!(len, h.body_bytes.len());
 }
+
+/// Many players' outcomes (each code, and `Err(why)` for one that did not
+/// see its page), failures grouped by why: how many failed, and per
+/// reason the count and the first three codes. `None` when none failed.
+pub fn failures(outcomes: &[(String, Result<(), String>)]) -> Option<(usize, String)> {
+    let mut by_why: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (code, outcome) in outcomes {
+        if let Err(why) = outcome {
+            by_why.entry(why).or_default().push(code);
+        }
+    }
+    if by_why.is_empty() {
+        return None;
+    }
+    let failed = by_why.values().map(Vec::len).sum();
+    let summary: Vec<_> = by_why
+        .iter()
+        .map(|(why, codes)| (why, codes.len(), &codes[..codes.len().min(3)]))
+        .collect();
+    Some((failed, format!("{summary:#?}")))
+}

@@ -342,23 +342,22 @@ pub struct Fd0Server(Server);
 impl Fd0Server {
     /// A unix socket in a fresh temp dir; `env_clear()` + PATH + `env`.
     pub fn start(env: &[(&str, &str)]) -> Fd0Server {
-        let dir = TempDir::new("fd0");
-        let path = dir.join("fcgi.sock");
-        let listener =
-            UnixListener::bind(&path).unwrap_or_else(|e| panic!("binding {}: {e}", path.display()));
-        let stdin = Stdio::from(OwnedFd::from(listener));
-        Fd0Server(Server::spawn(dir, Endpoint::Unix(path), &[], env, stdin))
+        Fd0Server::start_unix(env, false)
     }
 
     /// As [`Fd0Server::start`], with the listening socket made non-blocking
     /// first, as a launcher may hand it over (systemd's `NonBlocking=yes`).
     pub fn start_nonblocking(env: &[(&str, &str)]) -> Fd0Server {
+        Fd0Server::start_unix(env, true)
+    }
+
+    fn start_unix(env: &[(&str, &str)], nonblocking: bool) -> Fd0Server {
         let dir = TempDir::new("fd0");
         let path = dir.join("fcgi.sock");
         let listener =
             UnixListener::bind(&path).unwrap_or_else(|e| panic!("binding {}: {e}", path.display()));
         listener
-            .set_nonblocking(true)
+            .set_nonblocking(nonblocking)
             .expect("O_NONBLOCK on the listener");
         let stdin = Stdio::from(OwnedFd::from(listener));
         Fd0Server(Server::spawn(dir, Endpoint::Unix(path), &[], env, stdin))
