@@ -94,7 +94,12 @@ impl Driver {
         let mut raw = Vec::new();
         let mut buf = [0u8; 16384];
         let (head, body) = loop {
-            let n = stream.read(&mut buf).map_err(|e| e.to_string())?;
+            // A read with a timeout is not resumed after a signal or a
+            // stop of the test process: try it again, as std's loops do.
+            let n = match stream.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => other.map_err(|e| e.to_string())?,
+            };
             if n == 0 {
                 return Err("connection closed before the answer".into());
             }
