@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crate::support::apache::{self, Apache, Mode};
 use crate::support::axe;
 use crate::support::{
-    Bot, ListenServer, RefusingPort, TempDir, as_pairs, free_port, get_params, get_values,
+    Bot, ListenServer, RefusingPort, TempDir, as_pairs, free_port, get_params, get_values, read_by,
     send_request, wait_until,
 };
 use serde_json::{Value, json};
@@ -76,9 +76,7 @@ impl Driver {
     /// One WebDriver command over a fresh HTTP/1.1 connection, bounded.
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, String> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(60);
         stream
             .set_write_timeout(Some(Duration::from_secs(10)))
             .map_err(|e| e.to_string())?;
@@ -94,12 +92,12 @@ impl Driver {
         let mut raw = Vec::new();
         let mut buf = [0u8; 16384];
         let (head, body) = loop {
-            // A read with a timeout is not resumed after a signal or a
-            // stop of the test process: try it again, as std's loops do.
-            let n = match stream.read(&mut buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                other => other.map_err(|e| e.to_string())?,
-            };
+            let n = read_by(
+                deadline,
+                |left| stream.set_read_timeout(Some(left)),
+                || (&stream).read(&mut buf),
+            )
+            .map_err(|e| e.to_string())?;
             if n == 0 {
                 return Err("connection closed before the answer".into());
             }

@@ -195,12 +195,13 @@ fn silent_keeps_the_connection_open_and_records_first() {
     s.shutdown(Shutdown::Write).unwrap();
     // Recorded although no reply will ever come.
     assert_eq!(bot.wait_received(1, Duration::from_secs(10)), [("s", "c")]);
-    s.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
     let mut buf = [0u8; 16];
-    let err = s
-        .read(&mut buf)
-        .expect_err("silent bot must not reply or close");
+    let err = read_by(
+        Instant::now() + Duration::from_millis(500),
+        |left| s.set_read_timeout(Some(left)),
+        || (&s).read(&mut buf),
+    )
+    .expect_err("silent bot must not reply or close");
     assert!(
         matches!(
             err.kind(),

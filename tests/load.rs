@@ -8,8 +8,13 @@
 //! The Python peer (asyncio, one task per connection) sleeps concurrently,
 //! so 50 exchanges in flight cost it 100 ms, not 5 s: the floor for the
 //! run is 40 × 100 ms = 4 s.
+//!
+//! Then the same kind of load against a relay that is stopped and resumed
+//! every few milliseconds, in both modes.
 
 use std::collections::HashSet;
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -25,8 +30,8 @@ const BOUND: Duration = Duration::from_secs(120);
 const APPROVED_HTML: &str = "You&#x27;re registered, welcome to the tournament!";
 const STATE_Q: &str = "gAAAAABnLoadState%3D";
 
-fn code(conn: usize, i: usize) -> String {
-    format!("load-{conn:02}-{i:03}")
+fn code(tag: &str, conn: usize, i: usize) -> String {
+    format!("{tag}-{conn:02}-{i:03}")
 }
 
 /// Why one request did not end in a success page, if it did not.
@@ -50,21 +55,27 @@ fn check(reply: Result<FcgiReply, String>) -> Result<(), String> {
     Ok(())
 }
 
-/// One client: a kept connection, `PER_CONN` requests in turn. Returns each
-/// code with its outcome; a broken connection fails the rest of its codes.
-fn client(endpoint: Endpoint, conn_no: usize) -> Vec<(String, Result<(), String>)> {
-    let mut results = Vec::with_capacity(PER_CONN);
+/// One client: a kept connection, `per_conn` requests in turn, codes
+/// `tag-CONN-I`. Returns each code with its outcome; a broken connection
+/// fails the rest of its codes.
+fn client(
+    endpoint: Endpoint,
+    conn_no: usize,
+    per_conn: usize,
+    tag: &str,
+) -> Vec<(String, Result<(), String>)> {
+    let mut results = Vec::with_capacity(per_conn);
     let mut conn = match endpoint.connect() {
         Ok(c) => Some(c),
         Err(e) => {
             let why = format!("connect: {e}");
-            return (0..PER_CONN)
-                .map(|i| (code(conn_no, i), Err(why.clone())))
+            return (0..per_conn)
+                .map(|i| (code(tag, conn_no, i), Err(why.clone())))
                 .collect();
         }
     };
-    for i in 0..PER_CONN {
-        let code = code(conn_no, i);
+    for i in 0..per_conn {
+        let code = code(tag, conn_no, i);
         let Some(stream) = conn.as_mut() else {
             results.push((code, Err("connection lost earlier".into())));
             continue;
@@ -100,7 +111,7 @@ fn two_thousand_distinct_codes_over_fifty_connections_reach_the_bot_once_each() 
         thread::Builder::new()
             .name(format!("client-{conn_no}"))
             .spawn(move || {
-                let _ = tx.send(client(endpoint, conn_no));
+                let _ = tx.send(client(endpoint, conn_no, PER_CONN, "load"));
             })
             .expect("spawning a client thread");
     }
@@ -162,6 +173,142 @@ fn two_thousand_distinct_codes_over_fifty_connections_reach_the_bot_once_each() 
         started.elapsed()
     );
     assert!(started.elapsed() < BOUND, "took {:?}", started.elapsed());
+}
+
+/// Stops and resumes a process again and again (SIGSTOP, 5 ms, SIGCONT,
+/// 20 ms) until [`Freezer::finish`], as a machine that freezes its
+/// processes for a moment now and then does, only far more often.
+struct Freezer {
+    pid: u32,
+    looping: Child,
+}
+
+impl Freezer {
+    fn start(pid: u32) -> Freezer {
+        let looping = Command::new("sh")
+            .args([
+                "-c",
+                "while kill -s STOP \"$1\" && sleep 0.005 && kill -s CONT \"$1\"; do
+                   echo stopped; sleep 0.02
+                 done",
+                "freezer",
+                &pid.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the stop-and-resume loop");
+        Freezer { pid, looping }
+    }
+
+    /// Ends the loop, resumes the process, and says how many times it was
+    /// stopped and resumed.
+    fn finish(mut self) -> usize {
+        self.end();
+        let mut out = String::new();
+        if let Some(mut stdout) = self.looping.stdout.take() {
+            let _ = stdout.read_to_string(&mut out);
+        }
+        out.lines().count()
+    }
+
+    fn end(&mut self) {
+        let _ = self.looping.kill();
+        let _ = self.looping.wait();
+        send_signal(self.pid, "CONT");
+    }
+}
+
+impl Drop for Freezer {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// `conns` clients of `per_conn` requests each against `server` while it
+/// is stopped and resumed again and again: every request gets its success
+/// page, every code reaches the bot once, the relay complains of nothing.
+fn serve_while_frozen_again_and_again(
+    server: &mut Server,
+    bot: &Bot,
+    conns: usize,
+    per_conn: usize,
+) {
+    let freezer = Freezer::start(server.pid());
+    let (tx, rx) = mpsc::channel();
+    for conn_no in 0..conns {
+        let (tx, endpoint) = (tx.clone(), server.endpoint().clone());
+        thread::spawn(move || {
+            let _ = tx.send(client(endpoint, conn_no, per_conn, "frozen"));
+        });
+    }
+    drop(tx);
+    let started = Instant::now();
+    let mut outcomes = Vec::with_capacity(conns * per_conn);
+    for done in 0..conns {
+        match rx.recv_timeout(BOUND.saturating_sub(started.elapsed())) {
+            Ok(results) => outcomes.extend(results),
+            Err(e) => panic!(
+                "{done} of {conns} clients done after {:?} ({e}); relay stderr tail:\n{}",
+                started.elapsed(),
+                tail(&server.stderr_text(), 20)
+            ),
+        }
+    }
+    let stops = freezer.finish();
+    if let Some((failed, why)) = failures(&outcomes) {
+        panic!("{failed} of {} requests failed: {why}", outcomes.len());
+    }
+    // The load ran across many stops, not beside them.
+    assert!(
+        stops >= 20,
+        "the relay was stopped only {stops} times in {:?}",
+        started.elapsed()
+    );
+    let mut sent: Vec<String> = outcomes.into_iter().map(|(c, _)| c).collect();
+    let mut got: Vec<String> = bot.received().into_iter().map(|r| r.code).collect();
+    sent.sort();
+    got.sort();
+    assert!(
+        got == sent,
+        "the bot received {} codes for {} sent, or other codes",
+        got.len(),
+        sent.len()
+    );
+    assert!(server.stop().success(), "{}", server.stderr_text());
+    let stderr = server.stderr_text();
+    assert!(
+        !stderr.contains(" WARN ") && !stderr.contains(" ERROR "),
+        "the relay complained:\n{stderr}"
+    );
+    eprintln!(
+        "{} requests over {conns} connections while the relay was stopped {stops} times, in {:?}",
+        got.len(),
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_listen_relay_stopped_and_resumed_again_and_again_loses_nothing() {
+    let store = private_dir("st");
+    let bot = Bot::start_with("json", "slow", &["--delay", "0.05"]);
+    let mut server = ListenServer::start_tcp(&[
+        ("REGISTER_BOT_ADDR", bot.addr()),
+        ("REGISTER_STATE_DIR", store.path_str()),
+    ]);
+    serve_while_frozen_again_and_again(&mut server, &bot, 20, 30);
+}
+
+#[test]
+fn an_fd0_relay_stopped_and_resumed_again_and_again_loses_nothing() {
+    let store = private_dir("st");
+    let bot = Bot::start_with("json", "slow", &["--delay", "0.01"]);
+    let mut server = Fd0Server::start(&[
+        ("REGISTER_BOT_ADDR", bot.addr()),
+        ("REGISTER_STATE_DIR", store.path_str()),
+    ]);
+    serve_while_frozen_again_and_again(&mut server, &bot, 4, 40);
 }
 
 fn tail(text: &str, n: usize) -> String {

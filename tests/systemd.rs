@@ -14,7 +14,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::*;
 
@@ -257,17 +257,18 @@ struct NotifySocket {
 impl NotifySocket {
     fn at(addr: &std::os::unix::net::SocketAddr) -> NotifySocket {
         let sock = UnixDatagram::bind_addr(addr).expect("binding the notify socket");
-        sock.set_read_timeout(Some(WAIT)).expect("timeout");
         NotifySocket { sock }
     }
 
     /// The next datagram (bounded by [`WAIT`]).
     fn next(&self) -> String {
         let mut buf = [0u8; 4096];
-        let n = self
-            .sock
-            .recv(&mut buf)
-            .unwrap_or_else(|e| panic!("no datagram from the relay within {WAIT:?}: {e}"));
+        let n = read_by(
+            Instant::now() + WAIT,
+            |left| self.sock.set_read_timeout(Some(left)),
+            || self.sock.recv(&mut buf),
+        )
+        .unwrap_or_else(|e| panic!("no datagram from the relay within {WAIT:?}: {e}"));
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 

@@ -97,7 +97,7 @@ pub fn serve_connection<S: TimedStream>(
             }
             Step::Request(request) => {
                 // The read buffer is not held while the handler waits on
-                // the bot (in --listen mode hundreds of threads wait at once).
+                // the bot, which may take seconds.
                 buf = Vec::new();
                 let cgi = handler(&request).to_cgi_bytes(request.is_head());
                 conn.respond(&cgi, Instant::now());

@@ -132,6 +132,31 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// One read or receive from a socket, with the socket's read timeout set
+/// by `set_timeout` to what is left until `deadline`, tried again when
+/// interrupted. The kernel does not resume a socket call that has a timeout
+/// after the process was stopped or frozen for a moment: the call fails
+/// with `Interrupted` (CI machines freeze their processes now and then). A
+/// full timeout on every try could wait for ever under repeated freezes;
+/// `deadline` cannot. Past it: `TimedOut`.
+pub fn read_by<T>(
+    deadline: Instant,
+    mut set_timeout: impl FnMut(Duration) -> io::Result<()>,
+    mut read: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        set_timeout(left)?;
+        match read() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
 /// SIGKILL (if still running) and reap. Never panics.
 pub(super) fn kill_and_reap(child: &mut Child) {
     if let Ok(None) = child.try_wait() {

@@ -129,14 +129,17 @@ impl Conn {
     /// True if the peer has closed: a read returns EOF (or a reset) within `wait`.
     /// Any data read is discarded.
     pub fn closed_within(&mut self, wait: Duration) -> bool {
-        let _ = self.set_read_timeout(Some(wait));
         let mut buf = [0u8; 4096];
         let deadline = Instant::now() + wait;
         let closed = loop {
+            // Each read gets what is left: see `read_by`.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.set_read_timeout(Some(left)).is_err() {
+                break false;
+            }
             match self.read(&mut buf) {
                 Ok(0) => break true,
-                Ok(_) if Instant::now() < deadline => continue,
-                Ok(_) => break false,
+                Ok(_) => continue,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => break false,
