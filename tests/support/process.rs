@@ -136,9 +136,9 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// by `set_timeout` to what is left until `deadline`, tried again when
 /// interrupted. The kernel does not resume a socket call that has a timeout
 /// after the process was stopped or frozen for a moment: the call fails
-/// with `Interrupted` (CI machines freeze their processes now and then). A
-/// full timeout on every try could wait for ever under repeated freezes;
-/// `deadline` cannot. Past it: `TimedOut`.
+/// with `Interrupted` (CI runs here have seen it, twice). A full timeout on
+/// every try could wait for ever under repeated freezes; `deadline` cannot.
+/// Past it: `TimedOut`.
 pub fn read_by<T>(
     deadline: Instant,
     mut set_timeout: impl FnMut(Duration) -> io::Result<()>,
