@@ -105,45 +105,69 @@ fn two_thousand_distinct_codes_over_fifty_connections_reach_the_bot_once_each() 
     ]);
 
     let load_started = Instant::now();
+    let outcomes = run_clients(&server, CONNS, PER_CONN, "load", started + BOUND);
+    let load_took = load_started.elapsed();
+    assert_eq!(outcomes.len(), TOTAL);
+    assert_each_code_reached_the_bot_once(outcomes, &bot);
+    assert_stops_without_complaint(&mut server);
+    eprintln!(
+        "load: {TOTAL} requests over {CONNS} connections in {load_took:?} \
+         ({:.0} req/s); whole test {:?}",
+        TOTAL as f64 / load_took.as_secs_f64(),
+        started.elapsed()
+    );
+    assert!(started.elapsed() < BOUND, "took {:?}", started.elapsed());
+}
+
+/// `conns` clients at once, each with `per_conn` requests on a kept
+/// connection (codes `tag-CONN-I`): every code with its outcome. Past
+/// `deadline` the test fails, showing the end of the relay's log.
+fn run_clients(
+    server: &Server,
+    conns: usize,
+    per_conn: usize,
+    tag: &'static str,
+    deadline: Instant,
+) -> Vec<(String, Result<(), String>)> {
+    let started = Instant::now();
     let (tx, rx) = mpsc::channel();
-    for conn_no in 0..CONNS {
+    for conn_no in 0..conns {
         let (tx, endpoint) = (tx.clone(), server.endpoint().clone());
         thread::Builder::new()
             .name(format!("client-{conn_no}"))
             .spawn(move || {
-                let _ = tx.send(client(endpoint, conn_no, PER_CONN, "load"));
+                let _ = tx.send(client(endpoint, conn_no, per_conn, tag));
             })
             .expect("spawning a client thread");
     }
     drop(tx);
-    let mut outcomes: Vec<(String, Result<(), String>)> = Vec::with_capacity(TOTAL);
-    for done in 0..CONNS {
-        let left = BOUND.saturating_sub(started.elapsed());
-        match rx.recv_timeout(left) {
+    let mut outcomes = Vec::with_capacity(conns * per_conn);
+    for done in 0..conns {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(results) => outcomes.extend(results),
             Err(e) => panic!(
-                "{done} of {CONNS} clients done after {:?} ({e}); server stderr tail:\n{}",
+                "{done} of {conns} clients done after {:?} ({e}); relay stderr tail:\n{}",
                 started.elapsed(),
                 tail(&server.stderr_text(), 20)
             ),
         }
     }
-    let load_took = load_started.elapsed();
+    outcomes
+}
 
-    // Zero errors: show the first few, grouped, if there are any.
+/// Every request saw its success page (the failures, grouped, if not), and
+/// every code sent reached the bot exactly once, and nothing else did.
+fn assert_each_code_reached_the_bot_once(outcomes: Vec<(String, Result<(), String>)>, bot: &Bot) {
     if let Some((failed, why)) = failures(&outcomes) {
-        panic!("{failed} of {TOTAL} requests failed: {why}");
+        panic!("{failed} of {} requests failed: {why}", outcomes.len());
     }
-    assert_eq!(outcomes.len(), TOTAL);
-
-    // Every code reached the bot exactly once, and nothing else did.
-    let received = bot.received();
-    let mut got: Vec<String> = received
-        .iter()
+    let mut got: Vec<String> = bot
+        .received()
+        .into_iter()
         .map(|r| {
             assert_eq!(r.error, None, "{r:?}");
             assert_eq!(r.state, "gAAAAABnLoadState=");
-            r.code.clone()
+            r.code
         })
         .collect();
     let distinct: HashSet<&String> = got.iter().collect();
@@ -155,9 +179,18 @@ fn two_thousand_distinct_codes_over_fifty_connections_reach_the_bot_once_each() 
     let mut sent: Vec<String> = outcomes.into_iter().map(|(c, _)| c).collect();
     sent.sort();
     got.sort();
-    assert_eq!(got.len(), TOTAL, "the bot received {} messages", got.len());
+    assert_eq!(
+        got.len(),
+        sent.len(),
+        "the bot received {} messages for {} codes sent",
+        got.len(),
+        sent.len()
+    );
     assert!(got == sent, "the bot's codes differ from those sent");
+}
 
+/// The relay stops with status 0 and has logged no warning or error.
+fn assert_stops_without_complaint(server: &mut Server) {
     let status = server.stop();
     assert!(status.success(), "exit status {status}");
     let stderr = server.stderr_text();
@@ -165,14 +198,10 @@ fn two_thousand_distinct_codes_over_fifty_connections_reach_the_bot_once_each() 
         .lines()
         .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
         .collect();
-    assert!(complaints.is_empty(), "server complained:\n{complaints:#?}");
-    eprintln!(
-        "load: {TOTAL} requests over {CONNS} connections in {load_took:?} \
-         ({:.0} req/s); whole test {:?}",
-        TOTAL as f64 / load_took.as_secs_f64(),
-        started.elapsed()
+    assert!(
+        complaints.is_empty(),
+        "the relay complained:\n{complaints:#?}"
     );
-    assert!(started.elapsed() < BOUND, "took {:?}", started.elapsed());
 }
 
 /// Stops and resumes a process again and again (SIGSTOP, 5 ms, SIGCONT,
@@ -236,55 +265,20 @@ fn serve_while_frozen_again_and_again(
     per_conn: usize,
 ) {
     let freezer = Freezer::start(server.pid());
-    let (tx, rx) = mpsc::channel();
-    for conn_no in 0..conns {
-        let (tx, endpoint) = (tx.clone(), server.endpoint().clone());
-        thread::spawn(move || {
-            let _ = tx.send(client(endpoint, conn_no, per_conn, "frozen"));
-        });
-    }
-    drop(tx);
     let started = Instant::now();
-    let mut outcomes = Vec::with_capacity(conns * per_conn);
-    for done in 0..conns {
-        match rx.recv_timeout(BOUND.saturating_sub(started.elapsed())) {
-            Ok(results) => outcomes.extend(results),
-            Err(e) => panic!(
-                "{done} of {conns} clients done after {:?} ({e}); relay stderr tail:\n{}",
-                started.elapsed(),
-                tail(&server.stderr_text(), 20)
-            ),
-        }
-    }
+    let outcomes = run_clients(server, conns, per_conn, "frozen", started + BOUND);
     let stops = freezer.finish();
-    if let Some((failed, why)) = failures(&outcomes) {
-        panic!("{failed} of {} requests failed: {why}", outcomes.len());
-    }
     // The load ran across many stops, not beside them.
     assert!(
         stops >= 20,
         "the relay was stopped only {stops} times in {:?}",
         started.elapsed()
     );
-    let mut sent: Vec<String> = outcomes.into_iter().map(|(c, _)| c).collect();
-    let mut got: Vec<String> = bot.received().into_iter().map(|r| r.code).collect();
-    sent.sort();
-    got.sort();
-    assert!(
-        got == sent,
-        "the bot received {} codes for {} sent, or other codes",
-        got.len(),
-        sent.len()
-    );
-    assert!(server.stop().success(), "{}", server.stderr_text());
-    let stderr = server.stderr_text();
-    assert!(
-        !stderr.contains(" WARN ") && !stderr.contains(" ERROR "),
-        "the relay complained:\n{stderr}"
-    );
+    let requests = outcomes.len();
+    assert_each_code_reached_the_bot_once(outcomes, bot);
+    assert_stops_without_complaint(server);
     eprintln!(
-        "{} requests over {conns} connections while the relay was stopped {stops} times, in {:?}",
-        got.len(),
+        "{requests} requests over {conns} connections while the relay was stopped {stops} times, in {:?}",
         started.elapsed()
     );
 }
