@@ -144,6 +144,41 @@ fn echo_sends_the_message_text_not_the_secrets() {
 }
 
 #[test]
+fn the_exactly_once_check_catches_a_repeat_a_gap_and_a_stranger() {
+    let bot = Bot::start("json", "approve");
+    for code in ["a", "b", "b"] {
+        exchange_tcp(
+            bot.addr(),
+            format!(r#"{{"state":"s","code":"{code}"}}"#).as_bytes(),
+        );
+    }
+    let check = |sent: &[&str], state: &str| {
+        let sent: Vec<String> = sent.iter().map(|c| c.to_string()).collect();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            bot.assert_received_each_once(&sent, state)
+        }))
+        .is_ok()
+    };
+    // "b" came twice, whatever was sent.
+    assert!(!check(&["a", "b"], "s"));
+    assert!(!check(&["a", "b", "b"], "s"));
+    // A code sent but not received, or received but not sent.
+    assert!(!check(&["a", "b", "c"], "s"));
+    assert!(!check(&["b"], "s"));
+    // Another state.
+    assert!(!check(&["a", "b"], "t"));
+
+    let clean = Bot::start("json", "approve");
+    for code in ["a", "b"] {
+        exchange_tcp(
+            clean.addr(),
+            format!(r#"{{"state":"s","code":"{code}"}}"#).as_bytes(),
+        );
+    }
+    clean.assert_received_each_once(&["b".to_string(), "a".to_string()], "s");
+}
+
+#[test]
 fn early_close_sends_nothing() {
     let bot = Bot::start("json", "early-close");
     let reply = exchange_tcp(bot.addr(), br#"{"state":"s","code":"c"}"#);

@@ -12,7 +12,6 @@
 //! Then the same kind of load against a relay that is stopped and resumed
 //! every few milliseconds, in both modes.
 
-use std::collections::HashSet;
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -161,43 +160,16 @@ fn assert_each_code_reached_the_bot_once(outcomes: Vec<(String, Result<(), Strin
     if let Some((failed, why)) = failures(&outcomes) {
         panic!("{failed} of {} requests failed: {why}", outcomes.len());
     }
-    let mut got: Vec<String> = bot
-        .received()
-        .into_iter()
-        .map(|r| {
-            assert_eq!(r.error, None, "{r:?}");
-            assert_eq!(r.state, "gAAAAABnLoadState=");
-            r.code
-        })
-        .collect();
-    let distinct: HashSet<&String> = got.iter().collect();
-    assert_eq!(
-        distinct.len(),
-        got.len(),
-        "some codes reached the bot more than once"
-    );
-    let mut sent: Vec<String> = outcomes.into_iter().map(|(c, _)| c).collect();
-    sent.sort();
-    got.sort();
-    assert_eq!(
-        got.len(),
-        sent.len(),
-        "the bot received {} messages for {} codes sent",
-        got.len(),
-        sent.len()
-    );
-    assert!(got == sent, "the bot's codes differ from those sent");
+    let sent: Vec<String> = outcomes.into_iter().map(|(c, _)| c).collect();
+    bot.assert_received_each_once(&sent, "gAAAAABnLoadState=");
 }
 
 /// The relay stops with status 0 and has logged no warning or error.
 fn assert_stops_without_complaint(server: &mut Server) {
     let status = server.stop();
     assert!(status.success(), "exit status {status}");
-    let stderr = server.stderr_text();
-    let complaints: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-        .collect();
+    let log = server.stderr_text();
+    let complaints = complaints(&log);
     assert!(
         complaints.is_empty(),
         "the relay complained:\n{complaints:#?}"

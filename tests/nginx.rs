@@ -12,7 +12,6 @@
 //! Zero errors, every player shown the success page, every code at the
 //! bot exactly once; everything bounded, nothing timed.
 
-use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Barrier};
@@ -130,28 +129,12 @@ fn a_burst_of_sign_ups_through_nginx_reaches_the_bot_once_each() {
     }
 
     // Every code reached the bot exactly once, and nothing else did.
-    let received = bot.wait_received(BURST, Duration::from_secs(10));
-    let mut got: Vec<String> = received
-        .iter()
-        .map(|r| {
-            assert_eq!(r.error, None, "{r:?}");
-            assert_eq!(r.state, "gAAAAABnNginxState=");
-            r.code.clone()
-        })
-        .collect();
-    let distinct: HashSet<&String> = got.iter().collect();
-    assert_eq!(distinct.len(), got.len(), "a code reached the bot twice");
-    got.sort();
     let sent: Vec<String> = (0..BURST).map(code).collect();
-    assert_eq!(got.len(), BURST, "the bot received {} codes", got.len());
-    assert!(got == sent, "the bot's codes differ from those sent");
+    bot.assert_received_each_once(&sent, "gAAAAABnNginxState=");
 
     // Nobody was turned away, and nothing went wrong on the way.
     let log = relay.stderr_text();
-    let complaints: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-        .collect();
+    let complaints = complaints(&log);
     assert!(
         complaints.is_empty(),
         "the relay complained:\n{complaints:#?}"

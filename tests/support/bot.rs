@@ -223,6 +223,41 @@ impl Bot {
         read_text(&self.stderr)
     }
 
+    /// Asserts that each of `sent` reached the bot exactly once, with
+    /// `state` and as a well-formed message, and that nothing else did
+    /// (waiting, bounded, for the last to be recorded).
+    pub fn assert_received_each_once(&self, sent: &[String], state: &str) {
+        let mut got: Vec<String> = self
+            .wait_received(sent.len(), Duration::from_secs(10))
+            .into_iter()
+            .map(|r| {
+                assert_eq!(r.error, None, "{r:?}");
+                assert_eq!(r.state, state);
+                r.code
+            })
+            .collect();
+        let mut sent = sent.to_vec();
+        got.sort();
+        sent.sort();
+        let twice: Vec<&String> = got
+            .windows(2)
+            .filter(|w| w[0] == w[1])
+            .map(|w| &w[0])
+            .collect();
+        assert!(
+            twice.is_empty(),
+            "codes that reached the bot twice: {twice:?}"
+        );
+        assert_eq!(
+            got.len(),
+            sent.len(),
+            "the bot received {} messages for {} codes sent",
+            got.len(),
+            sent.len()
+        );
+        assert!(got == sent, "the bot's codes differ from those sent");
+    }
+
     /// SIGTERM, then a bounded wait; panics (after SIGKILL) if it hangs.
     pub fn stop(&mut self) -> ExitStatus {
         send_signal(self.child.id(), "TERM");

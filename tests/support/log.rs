@@ -7,6 +7,14 @@ pub fn outcome_lines(log: &str) -> Vec<&str> {
     log.lines().filter(|l| l.contains("outcome=")).collect()
 }
 
+/// The warnings and errors in a relay's log: none, after a run where
+/// nothing should have gone wrong.
+pub fn complaints(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect()
+}
+
 /// Checks a relay's log after `n` requests: exactly `n` `outcome=` lines,
 /// the last an INFO line with `status=STATUS`, `ms=N` and `code=` the
 /// [`fingerprint`] of `code` (without a code: `-` or some fingerprint);
