@@ -566,6 +566,22 @@ mod tests {
         c
     }
 
+    /// A peer on loopback TCP for one exchange: it accepts, reads the
+    /// relay's message to its end, then hands the connection to `then`.
+    fn peer_after_the_message(
+        then: impl FnOnce(TcpStream) + Send + 'static,
+    ) -> (SocketAddr, thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut msg = Vec::new();
+            s.read_to_end(&mut msg).unwrap();
+            then(s);
+        });
+        (addr, peer)
+    }
+
     #[test]
     fn refused_past_retry_is_unavailable() {
         let port = TcpListener::bind("127.0.0.1:0")
@@ -646,12 +662,7 @@ mod tests {
 
     #[test]
     fn a_reply_of_exactly_the_limit_is_read_whole() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let peer = thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let mut msg = Vec::new();
-            s.read_to_end(&mut msg).unwrap();
+        let (addr, peer) = peer_after_the_message(|mut s| {
             // {"success":true,"message":"xxx…"} padded to MAX_REPLY bytes.
             let head = br#"{"success":true,"message":""#;
             let mut body = head.to_vec();
@@ -684,12 +695,7 @@ mod tests {
 
     #[test]
     fn oversize_reply() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let peer = thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let mut got = Vec::new();
-            s.read_to_end(&mut got).unwrap();
+        let (addr, peer) = peer_after_the_message(|mut s| {
             let _ = s.write_all(&vec![b' '; MAX_REPLY + 1]);
         });
         let c = config_for(BotAddr::Tcp(vec![addr]), 5000, 0);
@@ -706,13 +712,8 @@ mod tests {
         std::sync::mpsc::Sender<()>,
         thread::JoinHandle<()>,
     ) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
         let (hold, held) = std::sync::mpsc::channel::<()>();
-        let peer = thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let mut msg = Vec::new();
-            s.read_to_end(&mut msg).unwrap();
+        let (addr, peer) = peer_after_the_message(move |mut s| {
             s.write_all(&reply).unwrap();
             let _ = held.recv();
         });
@@ -782,12 +783,7 @@ mod tests {
     #[test]
     fn trailing_bytes_are_refused_and_pieces_are_joined() {
         let serve = |pieces: Vec<&'static [u8]>| {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = listener.local_addr().unwrap();
-            let peer = thread::spawn(move || {
-                let (mut s, _) = listener.accept().unwrap();
-                let mut msg = Vec::new();
-                s.read_to_end(&mut msg).unwrap();
+            let (addr, peer) = peer_after_the_message(move |mut s| {
                 for piece in pieces {
                     s.write_all(piece).unwrap();
                     s.flush().unwrap();
