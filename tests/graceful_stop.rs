@@ -780,3 +780,94 @@ fn an_over_cap_request_still_being_written_gets_the_overload_page() {
     });
     assert_eq!(codes(&bot), ["holding-the-slot"]);
 }
+
+/// The relay's resident memory, from `/proc`.
+fn resident_bytes(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading the relay's /proc status: {e}"));
+    let kib: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in:\n{status}"));
+    kib * 1024
+}
+
+/// A peer that keeps answers waiting unread but reads them steadily gets
+/// everything it asks for, yet the relay holds only what is still unread:
+/// answers already sent do not pile up in its memory, however much the
+/// peer takes in all.
+#[test]
+fn a_slow_steady_reader_does_not_grow_the_relay() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Generous: the relay itself takes a few MiB.
+    const BOUND: usize = 32 << 20;
+    /// What the peer reads in all: past the bound, so memory that kept
+    /// every answer sent would cross it.
+    const TO_READ: usize = BOUND + (8 << 20);
+    /// The peer's reading pace, well below what the relay answers at (a
+    /// debug build, some 20 MB/s), so that answers always wait for it.
+    const RATE: f64 = 8.0 * 1024.0 * 1024.0;
+    let store = private_dir("st");
+    let bot = Bot::start("json", "approve");
+    let server = ListenServer::start(
+        "unix",
+        &[
+            ("REGISTER_BOT_ADDR", bot.addr()),
+            ("REGISTER_STATE_DIR", store.path_str()),
+        ],
+    );
+    let pid = server.pid();
+    let conn = server.connect();
+    let mut writer = conn.try_clone().expect("cloning the peer's connection");
+    let mut reader = conn.try_clone().expect("cloning the peer's connection");
+    writer.set_timeouts(None).unwrap();
+    let done = AtomicBool::new(false);
+    let (read, peak) = thread::scope(|s| {
+        let done = &done;
+        s.spawn(move || {
+            // A management record of a type the relay does not know: each
+            // one is answered (FCGI_UNKNOWN_TYPE).
+            let one = record_bytes(99, 0, &[], 0);
+            let burst: Vec<u8> = one.iter().copied().cycle().take(one.len() * 4096).collect();
+            while !done.load(Ordering::SeqCst) && writer.write_all(&burst).is_ok() {}
+        });
+        let sampler = s.spawn(move || {
+            let mut peak = 0;
+            while !done.load(Ordering::SeqCst) {
+                peak = peak.max(resident_bytes(pid));
+                thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        });
+        let mut sink = vec![0u8; 64 * 1024];
+        let mut read = 0usize;
+        let started = Instant::now();
+        let time_bound = Duration::from_secs(30);
+        while read < TO_READ && started.elapsed() < time_bound {
+            match std::io::Read::read(&mut reader, &mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+            let due = Duration::from_secs_f64(read as f64 / RATE);
+            if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                thread::sleep(ahead);
+            }
+        }
+        done.store(true, Ordering::SeqCst);
+        // Ends the writer's blocked write.
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+        (read, sampler.join().unwrap())
+    });
+    assert!(
+        read >= TO_READ,
+        "the peer read only {read} bytes of answers; server stderr:\n{}",
+        server.stderr_text()
+    );
+    assert!(
+        peak < BOUND,
+        "the relay grew to {} MiB while the peer read {} MiB",
+        peak >> 20,
+        read >> 20
+    );
+}

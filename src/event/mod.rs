@@ -20,7 +20,14 @@
 //! Every connection has a deadline whatever it does: reading a request
 //! (the FastCGI core's), the bot (its timeout), writing an answer
 //! ([`Limits::write_timeout`]), and output a peer does not read stops
-//! further reading past [`OUT_CAP`].
+//! further reading past [`OUT_CAP`]. A connection's send buffer holds
+//! only what its peer has not read yet: at most [`OUT_CAP`] plus the
+//! answers to one read, that is one page (about 4 KiB, more only by the
+//! bot's message) or, for management records, at most twice
+//! [`READ_SIZE`] (an 8-byte record of an unknown type has a 16-byte
+//! answer). So peers that never read hold some 64 KiB each, 256 MiB at
+//! the default cap of [`DEFAULT_MAX_CONNS`](crate::limits::DEFAULT_MAX_CONNS)
+//! connections.
 //!
 //! A stop signal ends the accepting (under socket activation the
 //! connections not yet accepted stay queued for the next process); the
@@ -64,8 +71,10 @@ const STOP: Token = Token(usize::MAX - 1);
 /// The timer key of the pause after a failed accept.
 const ACCEPT_KEY: usize = usize::MAX;
 /// Answers a peer has not read yet, past which nothing more is read
-/// from it (each management record it sends has an answer).
-pub const OUT_CAP: usize = 256 * 1024;
+/// from it (each management record it sends has an answer). Answers are
+/// a few KiB, so this only keeps a peer that does not read from making
+/// the relay hold much for it.
+pub const OUT_CAP: usize = 32 * 1024;
 /// How long a peer whose request was refused may go on sending, and how
 /// much of it is read and dropped, before the close (closing with unread
 /// input would reset a TCP connection and lose the answer).
@@ -935,10 +944,17 @@ fn first(result: Result<BotReply, BotError>) -> Result<(BotReply, Delivery), Und
 }
 
 /// Moves the FastCGI core's output to the connection's send buffer;
-/// whether there was any.
+/// whether there was any. What was already sent goes first, so the buffer
+/// holds only what the peer has not read: a peer that always leaves some
+/// unread, but reads on, would otherwise keep every answer it was ever
+/// sent.
 fn take_output(conn: &mut Conn) -> bool {
     if conn.fcgi.output().is_empty() {
         return false;
+    }
+    if conn.sent > 0 {
+        conn.out.drain(..conn.sent);
+        conn.sent = 0;
     }
     if conn.out.is_empty() {
         conn.out = conn.fcgi.output().to_vec();
