@@ -275,6 +275,11 @@ enum Attempt {
     Failed(BotError),
 }
 
+/// First pause after a refused connection to the bot; it doubles up to
+/// [`REFUSED_PAUSE_MAX`] (here and in the event loop's exchange).
+pub(crate) const REFUSED_PAUSE: Duration = Duration::from_millis(25);
+pub(crate) const REFUSED_PAUSE_MAX: Duration = Duration::from_millis(250);
+
 /// Connects and sends the message, then half-closes. Refusals are tried
 /// again until `retry` has passed, because a bot that is restarting
 /// refuses for a second or two and a player's click should survive that.
@@ -285,7 +290,7 @@ fn connect_and_send(
     deadline: Instant,
 ) -> Result<Stream, BotError> {
     let retry_until = Instant::now() + retry;
-    let mut pause = Duration::from_millis(25);
+    let mut pause = REFUSED_PAUSE;
     loop {
         remaining(deadline)?;
         let attempt = match addr {
@@ -305,7 +310,7 @@ fn connect_and_send(
                     return Err(BotError::Unavailable(e));
                 }
                 thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(250));
+                pause = (pause * 2).min(REFUSED_PAUSE_MAX);
             }
         }
     }
@@ -435,14 +440,14 @@ fn remaining(deadline: Instant) -> Result<Duration, BotError> {
     }
 }
 
-fn io_error(e: io::Error) -> BotError {
+pub(crate) fn io_error(e: io::Error) -> BotError {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => BotError::Timeout,
         _ => BotError::Closed,
     }
 }
 
-fn retryable(e: &io::Error) -> bool {
+pub(crate) fn retryable(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound | io::ErrorKind::ConnectionReset

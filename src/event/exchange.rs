@@ -12,13 +12,11 @@
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
-use crate::bot::{self, BotError, BotReply, MAX_REPLY};
+use crate::bot::{
+    self, BotError, BotReply, MAX_REPLY, REFUSED_PAUSE, REFUSED_PAUSE_MAX, io_error, retryable,
+};
 use crate::config::Wire;
 
-/// First pause after a refused connection; it doubles up to
-/// [`REFUSED_PAUSE_MAX`] (the same policy as the blocking exchange).
-const REFUSED_PAUSE: Duration = Duration::from_millis(25);
-const REFUSED_PAUSE_MAX: Duration = Duration::from_millis(250);
 /// A Unix socket whose listener's backlog is full refuses to queue
 /// (EAGAIN) instead of waiting as a TCP one does: the connect is tried
 /// again after a pause that grows from this to [`FULL_PAUSE_MAX`].
@@ -296,23 +294,6 @@ impl<S: BotSocket> Exchange<S> {
         self.phase = Phase::Over;
         self.reply = Vec::new();
         Progress::Done(result)
-    }
-}
-
-/// Failures worth another try within the retry window: nothing listens
-/// (yet), or the listener went away mid-handshake. The same as the
-/// blocking exchange's.
-fn retryable(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound | io::ErrorKind::ConnectionReset
-    )
-}
-
-fn io_error(e: io::Error) -> BotError {
-    match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => BotError::Timeout,
-        _ => BotError::Closed,
     }
 }
 
