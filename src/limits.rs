@@ -1,5 +1,5 @@
 //! Every bound on what a web server's connection may make the program
-//! hold, in one place. Each field names the one module that enforces it.
+//! hold, in one place. Each field names the modules that enforce it.
 
 use std::time::Duration;
 
@@ -39,11 +39,12 @@ pub struct Limits {
     /// and records for other request ids do not restart it. Enforced by
     /// [`crate::fastcgi::Connection`].
     pub idle_timeout: Duration,
-    /// Writing one answer. Enforced by [`crate::fastcgi::serve_connection`].
+    /// Writing one answer. Enforced by [`crate::fastcgi::serve_connection`]
+    /// and, with `--listen`, by [`crate::event`].
     pub write_timeout: Duration,
     /// Connections being turned away at once, past [`Limits::max_conns`];
-    /// past both, a connection is closed unanswered. Enforced by
-    /// [`crate::event`].
+    /// past both, a new connection waits in the listener's queue until
+    /// one ends. Enforced by [`crate::event`].
     pub max_turning_away: usize,
     /// How long a turned-away connection may take to send its first
     /// record header. Enforced by [`crate::event`].
@@ -57,7 +58,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            max_conns: 256,
+            max_conns: DEFAULT_MAX_CONNS,
             max_params_bytes: 64 * 1024,
             max_stdin_bytes: 64 * 1024,
             request_timeout: Duration::from_secs(30),

@@ -118,11 +118,6 @@ impl<S: BotSocket> Exchange<S> {
         self.ended = true;
     }
 
-    /// When the exchange gives up.
-    pub fn deadline(&self) -> Instant {
-        self.deadline
-    }
-
     /// Whether it is still connecting or sending: only then does its
     /// socket becoming writable matter.
     pub fn sending(&self) -> bool {
@@ -481,7 +476,8 @@ mod tests {
         // Connecting, then a short write, then the send buffer is full,
         // then the half-close (the reply comes later), then no reply yet,
         // then half of it: each a wait on the socket.
-        for _ in 0..5 {
+        for sending in [true, true, true, false, false] {
+            assert_eq!(x.sending(), sending);
             assert!(x.sending() || x.reply.is_empty());
             assert_eq!(wait(x.advance(t0, &mut d)), deadline);
         }

@@ -429,7 +429,6 @@ impl EventLoop<'_> {
             .count()
     }
 
-    /// Whether connection `slot`'s exchange with the bot is still sending.
     /// Tells connection `slot`'s exchange that the bot shut its side.
     fn bot_ended(&mut self, slot: usize) {
         if let Some(Some(Conn {
@@ -441,6 +440,7 @@ impl EventLoop<'_> {
         }
     }
 
+    /// Whether connection `slot`'s exchange with the bot is still sending.
     fn sending_to_bot(&self, slot: usize) -> bool {
         match self.conns.get(slot) {
             Some(Some(Conn {
@@ -509,13 +509,14 @@ impl EventLoop<'_> {
         }
     }
 
-    /// Takes a new connection in: served, turned away, or (past both
-    /// caps) closed unanswered.
+    /// Takes a new connection in: served, or turned away ([`Self::accept`]
+    /// takes none past both caps).
     fn admit(&mut self, sock: Sock, now: Instant) {
         let (phase, counted) = if self.serving < self.limits.max_conns {
             self.serving += 1;
             (Phase::Serving, Some(self.status.connection_opened()))
-        } else if self.turning_away < self.limits.max_turning_away {
+        } else {
+            debug_assert!(self.turning_away < self.limits.max_turning_away);
             // Once per spell of overload, not once per connection: a flood
             // must not flood the log too (each answer is logged anyway).
             if self.turning_away == 0
@@ -536,9 +537,6 @@ impl EventLoop<'_> {
                 },
                 None,
             )
-        } else {
-            // accept() takes none past both caps.
-            return;
         };
         let slot = self.free.pop().unwrap_or_else(|| {
             self.conns.push(None);

@@ -70,11 +70,13 @@ impl Timers {
     }
 
     /// How many keys have a time.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.at.len()
     }
 
     /// Whether no key has a time.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.at.is_empty()
     }
