@@ -622,9 +622,10 @@ impl EventLoop<'_> {
     }
 
     /// The connection holding the most for a request it is still sending.
-    /// One whose code is with the store or the bot, or whose answer is
-    /// going out, is never let go for this: its player's answer would be
-    /// lost.
+    /// One whose code is with the store or the bot, or with an answer
+    /// still going out, is never let go for this: its player's answer
+    /// would be lost. (Such a one is still bounded: by its request's
+    /// limits, and by [`Limits::write_timeout`] for its answer.)
     fn largest_holder(&self) -> Option<usize> {
         self.conns
             .iter()
@@ -632,6 +633,7 @@ impl EventLoop<'_> {
             .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
             .filter(|(_, c)| {
                 c.held > 0
+                    && c.sent == c.out.len()
                     && !matches!(
                         c.phase,
                         Phase::Claiming(..) | Phase::Exchanging(..) | Phase::Closing
@@ -906,7 +908,10 @@ impl EventLoop<'_> {
                 }
                 conn.phase = Phase::Lingering { until, shut: true };
                 match conn.sock.read(&mut self.buf) {
-                    Ok(n) if n > 0 => Next::Again,
+                    // Only until the moment is over, whatever is read: a
+                    // peer that always has more ready must not keep its
+                    // turning-away place.
+                    Ok(n) if n > 0 && now < until => Next::Again,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock && now < until => {
                         conn.blocked = true;
                         Next::Wait(until)
