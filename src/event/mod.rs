@@ -188,6 +188,7 @@ pub fn serve(
         timers: Timers::new(),
         conns: Vec::new(),
         free: Vec::new(),
+        generation: 0,
         serving: 0,
         turning_away: 0,
         buf: vec![0; READ_SIZE],
@@ -226,17 +227,28 @@ pub fn serve(
                     let mut sink = [0u8; 64];
                     while matches!((&watcher).read(&mut sink), Ok(n) if n > 0) {}
                 }
-                // A bot socket that only became writable (its connect
-                // done, with the message already out) has nothing to read.
-                Token(t)
-                    if t % 2 == 1
-                        && !(event.is_readable() || event.is_read_closed() || event.is_error())
-                        && !event_loop.sending_to_bot(t / 2) => {}
-                Token(t) => {
-                    if t % 2 == 1 && event.is_read_closed() {
-                        event_loop.bot_ended(t / 2);
+                token => {
+                    let (slot, generation, bot) = from_token(token);
+                    // An event fetched in this batch for a connection
+                    // closed since then must not act on the one now in its
+                    // slot (a stale end of the bot's reply would cut the
+                    // new one's short).
+                    if !event_loop.current(slot, generation) {
+                        continue;
                     }
-                    event_loop.drive(t / 2, now);
+                    // A bot socket that only became writable (its connect
+                    // done, with the message already out) has nothing to
+                    // read.
+                    if bot
+                        && !(event.is_readable() || event.is_read_closed() || event.is_error())
+                        && !event_loop.sending_to_bot(slot)
+                    {
+                        continue;
+                    }
+                    if bot && event.is_read_closed() {
+                        event_loop.bot_ended(slot);
+                    }
+                    event_loop.drive(slot, now);
                 }
             }
         }
@@ -287,12 +299,36 @@ struct Stopping {
     last_busy: Instant,
 }
 
-fn peer_token(i: usize) -> Token {
-    Token(2 * i)
+/// Bits of a connection's token for its generation: which of the
+/// connections that have had its slot it is. The lowest bit says which
+/// of its two sockets, the bits between hold its slot.
+const GENERATION_BITS: u32 = usize::BITS / 4;
+/// Generations go round below the highest, so that no connection's token
+/// is [`LISTENER`] or [`STOP`]. A slot is taken again at most once per
+/// close, and a batch of [`EVENTS`] holds far fewer closes than this.
+const GENERATIONS: usize = (1 << GENERATION_BITS) - 1;
+const SLOT_BITS: u32 = usize::BITS - 1 - GENERATION_BITS;
+
+fn token(slot: usize, generation: usize, bot: bool) -> Token {
+    Token(generation << (SLOT_BITS + 1) | slot << 1 | usize::from(bot))
 }
 
-fn bot_token(i: usize) -> Token {
-    Token(2 * i + 1)
+fn peer_token(slot: usize, generation: usize) -> Token {
+    token(slot, generation, false)
+}
+
+fn bot_token(slot: usize, generation: usize) -> Token {
+    token(slot, generation, true)
+}
+
+/// A connection's slot, generation, and whether the token is its bot
+/// socket's.
+fn from_token(Token(t): Token) -> (usize, usize, bool) {
+    (
+        (t >> 1) & ((1 << SLOT_BITS) - 1),
+        t >> (SLOT_BITS + 1),
+        t & 1 == 1,
+    )
 }
 
 struct EventLoop<'a> {
@@ -301,10 +337,13 @@ struct EventLoop<'a> {
     status: Arc<Status>,
     poll: Poll,
     timers: Timers,
-    /// The connections, by slot; a slot's tokens are [`peer_token`] and
-    /// [`bot_token`], its timer key the slot itself.
+    /// The connections, by slot; a connection's tokens are [`peer_token`]
+    /// and [`bot_token`], its timer key its slot (cancelled when it
+    /// closes).
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
+    /// The generation the next connection gets.
+    generation: usize,
     serving: usize,
     turning_away: usize,
     buf: Vec<u8>,
@@ -348,6 +387,9 @@ impl Throttle {
 /// One web server connection.
 struct Conn {
     sock: Sock,
+    /// Part of its tokens, told apart from those of the connections that
+    /// had its slot before.
+    generation: usize,
     fcgi: Connection,
     /// Answers to send, from `sent` on.
     out: Vec<u8>,
@@ -427,6 +469,11 @@ impl EventLoop<'_> {
             .flatten()
             .filter(|c| c.sent < c.out.len() && !matches!(c.phase, Phase::Lingering { .. }))
             .count()
+    }
+
+    /// Whether the connection in `slot` is of `generation`.
+    fn current(&self, slot: usize, generation: usize) -> bool {
+        matches!(self.conns.get(slot), Some(Some(c)) if c.generation == generation)
     }
 
     /// Tells connection `slot`'s exchange that the bot shut its side.
@@ -546,8 +593,11 @@ impl EventLoop<'_> {
         // fits the socket's buffer: it is read at once (the timer brings it
         // round in this same turn of the loop), and watched by the poll
         // only once a read or a write on it would block.
+        let generation = self.generation;
+        self.generation = (generation + 1) % GENERATIONS;
         self.conns[slot] = Some(Conn {
             sock,
+            generation,
             fcgi: Connection::new(self.limits, now),
             out: Vec::new(),
             sent: 0,
@@ -576,10 +626,11 @@ impl EventLoop<'_> {
         };
         let mut wake = self.step(&mut conn, slot, now);
         if wake.is_some() && conn.blocked && !conn.watched {
-            match conn
-                .sock
-                .register(self.poll.registry(), peer_token(slot), socket::BOTH)
-            {
+            match conn.sock.register(
+                self.poll.registry(),
+                peer_token(slot, conn.generation),
+                socket::BOTH,
+            ) {
                 Ok(()) => conn.watched = true,
                 Err(e) => {
                     warn!("cannot watch a connection, closing it: {e}");
@@ -808,7 +859,7 @@ impl EventLoop<'_> {
                 let mut dialer = BotDialer {
                     addr: &self.relay.config().bot_addr,
                     registry: self.poll.registry(),
-                    token: bot_token(slot),
+                    token: bot_token(slot, conn.generation),
                 };
                 match exchanging.exchange.advance(now, &mut dialer) {
                     Progress::Wait(at) => {
@@ -966,4 +1017,28 @@ fn take_output(conn: &mut Conn) -> bool {
     }
     conn.fcgi.clear_output();
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_names_its_connection_and_no_other() {
+        let slots = [0, 1, 4095, 1 << 20];
+        let generations = [0, 1, GENERATIONS - 1];
+        let mut seen = std::collections::HashSet::new();
+        for slot in slots {
+            for generation in generations {
+                for bot in [false, true] {
+                    let t = token(slot, generation, bot);
+                    assert_eq!(from_token(t), (slot, generation, bot));
+                    assert!(t != LISTENER && t != STOP, "{t:?}");
+                    assert!(seen.insert(t), "{t:?} twice");
+                }
+            }
+        }
+        assert_eq!(peer_token(7, 3), token(7, 3, false));
+        assert_eq!(bot_token(7, 3), token(7, 3, true));
+    }
 }
