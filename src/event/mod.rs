@@ -304,8 +304,8 @@ struct Stopping {
 /// of its two sockets, the bits between hold its slot.
 const GENERATION_BITS: u32 = usize::BITS / 4;
 /// Generations go round below the highest, so that no connection's token
-/// is [`LISTENER`] or [`STOP`]. A slot is taken again at most once per
-/// close, and a batch of [`EVENTS`] holds far fewer closes than this.
+/// is [`LISTENER`] or [`STOP`]. A stale event could name a new connection
+/// only if this many were taken in while one batch of events was handled.
 const GENERATIONS: usize = (1 << GENERATION_BITS) - 1;
 const SLOT_BITS: u32 = usize::BITS - 1 - GENERATION_BITS;
 
