@@ -1023,6 +1023,47 @@ fn take_output(conn: &mut Conn) -> bool {
 mod tests {
     use super::*;
 
+    /// A served connection over one end of a socket pair.
+    fn conn(now: Instant) -> Conn {
+        let (ours, _theirs) = mio::net::UnixStream::pair().unwrap();
+        Conn {
+            sock: Sock::Unix(ours),
+            generation: 0,
+            fcgi: Connection::new(Limits::default(), now),
+            out: Vec::new(),
+            sent: 0,
+            write_by: None,
+            phase: Phase::Serving,
+            counted: None,
+            held: 0,
+            watched: false,
+            blocked: false,
+        }
+    }
+
+    #[test]
+    fn the_send_buffer_keeps_only_what_is_not_sent() {
+        let now = Instant::now();
+        let mut conn = conn(now);
+        // Answers partly sent: the peer reads, but never all of it.
+        conn.out = vec![1; 3000];
+        conn.sent = 2000;
+        // A management record of a type the core does not know: its
+        // answer is 16 bytes.
+        conn.fcgi.feed(&[1, 99, 0, 0, 0, 0, 0, 0], now);
+        assert!(matches!(conn.fcgi.next(now), Step::Read { .. }));
+        assert!(take_output(&mut conn));
+        assert_eq!(conn.sent, 0);
+        assert_eq!(conn.out.len(), 1000 + 16);
+        assert_eq!(conn.out[..1000], [1; 1000]);
+        assert_eq!(conn.out[1000..1002], [1, 11]);
+        assert!(conn.fcgi.output().is_empty());
+        // Nothing new: nothing moves.
+        conn.sent = 500;
+        assert!(!take_output(&mut conn));
+        assert_eq!((conn.sent, conn.out.len()), (500, 1016));
+    }
+
     #[test]
     fn a_token_names_its_connection_and_no_other() {
         let slots = [0, 1, 4095, 1 << 20];
