@@ -23,8 +23,8 @@
 //! further reading past [`OUT_CAP`]. A connection's send buffer holds
 //! only what its peer has not read yet: at most [`OUT_CAP`] plus the
 //! answers to one read, that is one page (about 4 KiB, more only by the
-//! bot's message) or, for management records, at most twice
-//! [`READ_SIZE`] (an 8-byte record of an unknown type has a 16-byte
+//! bot's message) or, for management records, at most twice a read of
+//! 16 KiB (an 8-byte record of an unknown type has a 16-byte
 //! answer). So peers that never read hold some 64 KiB each, 256 MiB at
 //! the default cap of [`DEFAULT_MAX_CONNS`](crate::limits::DEFAULT_MAX_CONNS)
 //! connections.
