@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 /// This process's soft and hard limits on open files.
-fn files_limit() -> io::Result<(libc::rlim_t, libc::rlim_t)> {
+pub fn files_limit() -> io::Result<(libc::rlim_t, libc::rlim_t)> {
     // SAFETY: rlimit is plain data; zeroed is valid.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
     // SAFETY: a valid out-pointer of the right type.
@@ -55,7 +55,7 @@ pub fn require_open_files(needed: u64) {
 
 /// Starts `cmd` with a soft limit of `soft` open files, the hard limit
 /// left as it is: as systemd starts a service.
-pub(super) fn with_soft_files_limit(cmd: &mut Command, soft: u64) {
+pub fn with_soft_files_limit(cmd: &mut Command, soft: u64) {
     let (_, hard) = files_limit().unwrap_or_else(|e| panic!("getrlimit: {e}"));
     let lim = libc::rlimit {
         rlim_cur: soft.min(hard),
