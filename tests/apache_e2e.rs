@@ -17,9 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::support::apache::{self, Apache, HttpResponse, Mode};
-use crate::support::{self, Bot, ListenServer, RefusingPort, TempDir, fingerprint};
-
-const APPROVED_HTML: &str = "You&#x27;re registered, welcome to the tournament!";
+use crate::support::{self, APPROVED_HTML, Bot, ListenServer, RefusingPort, TempDir, fingerprint};
 const REFUSED_HTML: &str = "You&#x27;re already signed up!";
 /// How long a log line may take to show up after its answer.
 const LOG_WAIT: Duration = Duration::from_secs(5);

@@ -1054,7 +1054,7 @@ fn a_reader_that_went_away_costs_the_answer_not_the_process() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let status = wait_bounded(&mut child, RUN_TIMEOUT).expect("the CGI run ends");
+    let status = wait_or_kill(&mut child, RUN_TIMEOUT).expect("the CGI run ends");
     let mut stderr = String::new();
     child
         .stderr
@@ -1090,7 +1090,7 @@ fn closed_standard_streams_never_become_the_stores_files() {
         .envs(env)
         .spawn()
         .unwrap();
-    let status = wait_bounded(&mut child, RUN_TIMEOUT).expect("the CGI run ends");
+    let status = wait_or_kill(&mut child, RUN_TIMEOUT).expect("the CGI run ends");
     assert_eq!(status.code(), Some(0), "{status:?}");
     assert_eq!(bot.received(), [(state.as_str(), code.as_str())]);
     let (again, _) = cgi_get(&env[2..], &q);

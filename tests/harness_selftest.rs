@@ -176,6 +176,30 @@ fn the_exactly_once_check_catches_a_repeat_a_gap_and_a_stranger() {
         );
     }
     clean.assert_received_each_once(&["b".to_string(), "a".to_string()], "s");
+
+    // A repeat that comes in a moment after the last code sent.
+    let late = Bot::start("json", "approve");
+    let send = |code: &str| {
+        exchange_tcp(
+            late.addr(),
+            format!(r#"{{"state":"s","code":"{code}"}}"#).as_bytes(),
+        );
+    };
+    send("a");
+    let caught = thread::scope(|s| {
+        s.spawn(|| {
+            thread::sleep(Duration::from_millis(100));
+            send("b");
+            thread::sleep(Duration::from_millis(50));
+            send("a");
+        });
+        let sent = ["a".to_string(), "b".to_string()];
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            late.assert_received_each_once(&sent, "s")
+        }))
+        .is_err()
+    });
+    assert!(caught, "a repeat after the last code sent went unseen");
 }
 
 #[test]

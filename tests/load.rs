@@ -25,8 +25,6 @@ const PER_CONN: usize = 40;
 const TOTAL: usize = CONNS * PER_CONN;
 /// The whole run, bot and server start included.
 const BOUND: Duration = Duration::from_secs(120);
-/// [`APPROVED`] as the page's autoescaping shows it.
-const APPROVED_HTML: &str = "You&#x27;re registered, welcome to the tournament!";
 const STATE_Q: &str = "gAAAAABnLoadState%3D";
 
 fn code(tag: &str, conn: usize, i: usize) -> String {
@@ -43,15 +41,7 @@ fn check(reply: Result<FcgiReply, String>) -> Result<(), String> {
         ));
     }
     let page = try_parse_cgi(&reply.stdout)?;
-    let shown = format!("<p id=\"message\">{APPROVED_HTML}</p>");
-    if page.status != 200
-        || !page.body.contains("aria-label=\"Success\"")
-        || !page.body.contains(&shown)
-    {
-        let head = page.body.chars().take(300).collect::<String>();
-        return Err(format!("status {}: {head}", page.status));
-    }
-    Ok(())
+    success_or_why(page.status, &page.body)
 }
 
 /// One client: a kept connection, `per_conn` requests in turn, codes

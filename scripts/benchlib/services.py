@@ -249,7 +249,9 @@ class NginxFront:
         self.nginx = subprocess.Popen(
             [nginx, "-p", str(self.dir), "-e", str(logs / "error.log"), "-c", str(self.dir / "nginx.conf"),
              "-g", "daemon off;"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            # Its own group, so that its workers go with it on a kill.
+            start_new_session=True)
         self.pid = self.nginx.pid
         NginxFront.live.add(self)
         deadline = time.monotonic() + 15
@@ -297,7 +299,12 @@ class NginxFront:
                 try:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
+                    # The whole group: nginx's master killed alone would
+                    # leave its workers running.
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                     proc.wait()
         self.nginx = self.backend = None
         self.pid = None
@@ -329,8 +336,9 @@ def one_shot(port, n, code_prefix, timeout=30):
 
     async def player(i, start):
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port), timeout)
+        except (OSError, asyncio.TimeoutError):
             await start.wait()
             return 0.0, False
         await start.wait()
@@ -338,7 +346,7 @@ def one_shot(port, n, code_prefix, timeout=30):
         try:
             writer.write(f"GET /register?code={code_prefix}-{i}&state={STATE} HTTP/1.1\r\n"
                          "Host: localhost\r\nConnection: close\r\n\r\n".encode())
-            await writer.drain()
+            await asyncio.wait_for(writer.drain(), timeout)
             data = await asyncio.wait_for(reader.read(), timeout)
             writer.close()
             ok = data.startswith(b"HTTP/1.1 200") and b"Success" in data

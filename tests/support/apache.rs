@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use super::cgi::find;
 use super::ports::free_port;
 use super::process::bin;
+use super::process::read_by;
 use super::process::read_text;
 
 /// How long Apache may take to answer its first request.
@@ -190,6 +191,7 @@ impl Apache {
             if let Ok(resp) = try_http(
                 port,
                 b"GET /instance.txt HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+                true,
             ) && resp.status == 200
                 && resp.body == apache.dir.as_os_str().as_encoded_bytes()
             {
@@ -272,7 +274,7 @@ impl Apache {
     /// log) if there is none.
     pub fn raw(&self, raw: &[u8], head: bool) -> HttpResponse {
         let result =
-            try_http(self.port, raw).and_then(|r| if head { Ok(r) } else { r.dechunked() });
+            try_http(self.port, raw, true).and_then(|r| if head { Ok(r) } else { r.dechunked() });
         result.unwrap_or_else(|e| {
             panic!(
                 "HTTP request to Apache ({}) on port {} failed: {e}\nrequest: {:?}\n{}",
@@ -445,34 +447,36 @@ pub fn dechunk(mut data: &[u8]) -> io::Result<Vec<u8>> {
 }
 
 /// Sends `raw` to 127.0.0.1:`port` and reads the whole answer (the request
-/// should say `Connection: close`). Every step is bounded by [`HTTP_TIMEOUT`].
-pub fn try_http(port: u16, raw: &[u8]) -> io::Result<HttpResponse> {
+/// should say `Connection: close`). With `half_close`, the request side is
+/// shut once `raw` is sent; without, it stays open as a browser's does (nginx
+/// takes a half-close for a player who has gone). Every step is bounded by
+/// [`HTTP_TIMEOUT`], the whole answer by one deadline.
+pub fn try_http(port: u16, raw: &[u8], half_close: bool) -> io::Result<HttpResponse> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)?;
-    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
     stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
     // A server may answer and close before it has read everything (a 414
     // for a huge request line): a failed write still leaves its answer to read.
     let write_error = stream.write_all(raw).err();
-    let _ = stream.shutdown(Shutdown::Write);
+    if half_close {
+        let _ = stream.shutdown(Shutdown::Write);
+    }
     let mut data = Vec::new();
     let deadline = Instant::now() + HTTP_TIMEOUT;
     let mut buf = [0u8; 16384];
     loop {
-        match stream.read(&mut buf) {
+        let read = read_by(
+            deadline,
+            |left| stream.set_read_timeout(Some(left)),
+            || (&stream).read(&mut buf),
+        );
+        match read {
             Ok(0) => break,
             Ok(n) => data.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // A reset after a complete answer (Apache closing a lingering
             // connection) still leaves the answer readable.
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset && !data.is_empty() => break,
             Err(e) => return Err(write_error.unwrap_or(e)),
-        }
-        if Instant::now() >= deadline {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "answer not finished in time",
-            ));
         }
     }
     match (parse_response(&data), write_error) {

@@ -24,6 +24,8 @@ pub fn bot_script() -> PathBuf {
 
 /// What `tests/peer/bot.py` answers with `approve` or `slow` (no `--message`).
 pub const APPROVED: &str = "You're registered, welcome to the tournament!";
+/// [`APPROVED`] as the page's autoescaping shows it.
+pub const APPROVED_HTML: &str = "You&#x27;re registered, welcome to the tournament!";
 /// What `tests/peer/bot.py` answers with `refuse` (no `--message`).
 pub const REFUSED: &str = "You're already signed up!";
 /// What [`Bot::received`] equals when the bot was never contacted.
@@ -225,10 +227,14 @@ impl Bot {
 
     /// Asserts that each of `sent` reached the bot exactly once, with
     /// `state` and as a well-formed message, and that nothing else did
-    /// (waiting, bounded, for the last to be recorded).
+    /// (waiting, bounded, for the last to be recorded, then a moment more:
+    /// a repeat recorded after the last code sent counts as much as one
+    /// before it).
     pub fn assert_received_each_once(&self, sent: &[String], state: &str) {
+        self.wait_received(sent.len(), Duration::from_secs(10));
+        thread::sleep(Duration::from_millis(200));
         let mut got: Vec<String> = self
-            .wait_received(sent.len(), Duration::from_secs(10))
+            .received()
             .into_iter()
             .map(|r| {
                 assert_eq!(r.error, None, "{r:?}");

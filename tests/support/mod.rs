@@ -12,6 +12,8 @@
 //!   bounded waits, [`python`] snippets.
 //! - [`bot`]: [`Bot`], the Python stand-in for the Discord cog
 //!   (`tests/peer/bot.py`), and what it [`Received`].
+//! - [`files`]: [`raise_files_limit`], [`require_open_files`]: this process
+//!   may hold the sockets the suites open at once.
 //! - [`ports`]: [`free_port`], and [`RefusingPort`], an address where nothing
 //!   listens, kept that way.
 //! - [`cgi`]: [`run_cgi`], [`run_cgi_raw`]; [`HttpLike`], [`parse_cgi`] for
@@ -36,6 +38,7 @@ pub mod axe;
 pub mod bot;
 pub mod cgi;
 pub mod fcgi;
+pub mod files;
 pub mod json;
 pub mod log;
 pub mod nginx;
@@ -48,6 +51,7 @@ pub mod server;
 pub use bot::*;
 pub use cgi::*;
 pub use fcgi::*;
+pub use files::*;
 pub use json::*;
 pub use log::*;
 pub use nginx::*;

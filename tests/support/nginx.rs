@@ -43,6 +43,27 @@ impl Nginx {
     /// `connections` clients (each with its connection to the relay), with
     /// the shipped snippet passing to `relay` (`unix:/path` or `IP:PORT`).
     pub fn start(relay: &str, connections: usize) -> Nginx {
+        // A free port can be taken by someone else before nginx binds it;
+        // nginx then gives up ("Address already in use") and exits: try
+        // again with another, as ListenServer does.
+        let mut last_err = String::new();
+        for _ in 0..3 {
+            match Nginx::launch(relay, connections) {
+                Ok(nginx) => return nginx,
+                Err((why, in_use)) => {
+                    last_err = why;
+                    if !in_use {
+                        break;
+                    }
+                }
+            }
+        }
+        panic!("{last_err}");
+    }
+
+    /// One try on a fresh free port: the running nginx, or why not and
+    /// whether its port was taken.
+    fn launch(relay: &str, connections: usize) -> Result<Nginx, (String, bool)> {
         let dir = TempDir::new("ngx");
         let snippet = fs::read_to_string(repo().join("apache/nginx-tourney-register.conf"))
             .expect("reading apache/nginx-tourney-register.conf");
@@ -61,10 +82,11 @@ impl Nginx {
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
         let port = free_port();
+        let pid_file = dir.join("nginx.pid");
         let conf = format!(
             "{user}worker_processes 1;\n\
              worker_rlimit_nofile {files};\n\
-             pid {dir}/nginx.pid;\n\
+             pid {pid};\n\
              events {{ worker_connections {conns}; }}\n\
              http {{\n\
                access_log off;\n\
@@ -85,6 +107,7 @@ impl Nginx {
             // unanswered ("worker_connections are not enough, reusing").
             files = 4 * connections + 512,
             conns = 3 * connections + 256,
+            pid = pid_file.display(),
             dir = dir.path().display(),
             tmp = tmp.display(),
         );
@@ -113,17 +136,27 @@ impl Nginx {
             stderr,
         };
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        // nginx writes its pid file only once it has bound its port: a
+        // connection then reaches this nginx, not whoever else listens there.
+        let mut exited = false;
         let up = wait_until(NGINX_START_TIMEOUT, || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            exited = matches!(nginx.child.try_wait(), Ok(Some(_)));
+            exited
+                || (pid_file.exists()
+                    && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
         });
-        if !up {
-            nginx.stop();
-            panic!(
-                "nginx did not listen on {addr} within {NGINX_START_TIMEOUT:?}:\n{}",
-                read_text(&nginx.stderr)
-            );
+        if up && !exited {
+            return Ok(nginx);
         }
-        nginx
+        nginx.stop();
+        let log = read_text(&nginx.stderr);
+        Err((
+            format!(
+                "nginx did not listen on {addr} within {NGINX_START_TIMEOUT:?}{}:\n{log}",
+                if exited { " (it exited)" } else { "" }
+            ),
+            exited && log.contains("in use"),
+        ))
     }
 
     /// The port it listens on, on 127.0.0.1.

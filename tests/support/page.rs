@@ -1,6 +1,7 @@
 //! What the player sees: the built-in page's texts and the headers every
 //! page carries.
 
+use super::bot::APPROVED_HTML;
 use super::cgi::HttpLike;
 
 /// Undoes HTML escaping (named and numeric references), to find a text as
@@ -113,6 +114,18 @@ pub fn assert_security_headers_in(headers: &[(String, String)], context: &str) {
         "{context}CSP {csp:?}"
     );
     assert!(csp.contains("default-src 'none'"), "{context}CSP {csp:?}");
+}
+
+/// Why a page with `status` and `body` is not the success page for the
+/// bot's [`APPROVED`](super::bot::APPROVED) answer, if it is not: for runs
+/// that gather every player's outcome before they report.
+pub fn success_or_why(status: u16, body: &str) -> Result<(), String> {
+    let shown = format!("<p id=\"message\">{APPROVED_HTML}</p>");
+    if status != 200 || !body.contains("aria-label=\"Success\"") || !body.contains(&shown) {
+        let head: String = body.chars().take(300).collect();
+        return Err(format!("status {status}: {head}"));
+    }
+    Ok(())
 }
 
 /// The built-in page for a bot's answer: 200 OK with the security headers,

@@ -104,6 +104,17 @@ pub fn private_dir(tag: &str) -> TempDir {
     dir
 }
 
+/// As [`wait_bounded`], and a child still running at `timeout` is killed
+/// and reaped (a `Child` dropped is neither), so a test that then panics
+/// leaves nothing behind.
+pub fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let status = wait_bounded(child, timeout);
+    if status.is_none() {
+        kill_and_reap(child);
+    }
+    status
+}
+
 /// Polls `child` until it exits or `timeout` passes.
 pub fn wait_bounded(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;

@@ -14,6 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::fcgi::{FCGI_REQUEST_COMPLETE, FcgiReply, fcgi_get};
+use super::files::{raise_files_limit, with_soft_files_limit};
 use super::ports::free_port;
 use super::process::{
     POLL, STOP_TIMEOUT, TempDir, bin, bin_command, kill_and_reap, read_text, send_signal,
@@ -196,8 +197,8 @@ impl Server {
         Server::spawn_command(bin_command(), dir, endpoint, args, env, stdin)
     }
 
-    /// As [`Server::spawn`], the binary started by `cmd` (a wrapper whose
-    /// last argument runs it) and `args` after it.
+    /// As [`Server::spawn`], the binary started by `cmd` (from
+    /// [`bin_command`]) with `args`.
     fn spawn_command(
         mut cmd: Command,
         dir: TempDir,
@@ -206,6 +207,8 @@ impl Server {
         env: &[(&str, &str)],
         stdin: Stdio,
     ) -> Server {
+        // The tests open their many sockets once a relay is up.
+        raise_files_limit();
         let stderr = dir.join("stderr.log");
         let stdout = dir.join("stdout.log");
         cmd.args(args)
@@ -410,29 +413,20 @@ impl ListenServer {
     /// As [`ListenServer::start`], started the way a service manager
     /// starts a service: with a soft limit of `soft` open files (the hard
     /// limit left as it is).
-    pub fn start_with_files_limit(kind: &str, env: &[(&str, &str)], soft: u32) -> ListenServer {
-        ListenServer::launch(kind, env, &[], || {
-            let mut cmd = Command::new("sh");
-            cmd.env_clear();
-            if let Some(path) = std::env::var_os("PATH") {
-                cmd.env("PATH", path);
-            }
-            cmd.args(["-c", &format!("ulimit -Sn {soft} && exec \"$0\" \"$@\"")])
-                .arg(bin());
-            cmd
-        })
+    pub fn start_with_files_limit(kind: &str, env: &[(&str, &str)], soft: u64) -> ListenServer {
+        ListenServer::launch(kind, env, &[], Some(soft))
     }
 
     /// As [`ListenServer::start`] with extra arguments after `--listen ADDR`.
     pub fn start_with(kind: &str, env: &[(&str, &str)], extra: &[&str]) -> ListenServer {
-        ListenServer::launch(kind, env, extra, bin_command)
+        ListenServer::launch(kind, env, extra, None)
     }
 
     fn launch(
         kind: &str,
         env: &[(&str, &str)],
         extra: &[&str],
-        command: impl Fn() -> Command,
+        soft_files_limit: Option<u64>,
     ) -> ListenServer {
         // A free TCP port can be taken by someone else before the server
         // binds it; retry a couple of times in that case only.
@@ -448,8 +442,11 @@ impl ListenServer {
             let spec = endpoint.spec();
             let mut args = vec!["--listen", spec.as_str()];
             args.extend_from_slice(extra);
-            let mut server =
-                Server::spawn_command(command(), dir, endpoint, &args, env, Stdio::null());
+            let mut cmd = bin_command();
+            if let Some(soft) = soft_files_limit {
+                with_soft_files_limit(&mut cmd, soft);
+            }
+            let mut server = Server::spawn_command(cmd, dir, endpoint, &args, env, Stdio::null());
             match wait_listening(&mut server) {
                 Ok(()) => return ListenServer(server),
                 Err(e) => {
