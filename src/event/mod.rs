@@ -673,10 +673,12 @@ impl EventLoop<'_> {
     }
 
     /// The connection holding the most for a request it is still sending.
-    /// One whose code is with the store or the bot, or with an answer
-    /// still going out, is never let go for this: its player's answer
-    /// would be lost. (Such a one is still bounded: by its request's
-    /// limits, and by [`Limits::write_timeout`] for its answer.)
+    /// One whose code is with the store or the bot, or whose answer is
+    /// being written out, is never let go for this: its player's answer
+    /// would be lost. An answer still unread while its peer sends the next
+    /// request does not protect it: a web server reads an answer whole
+    /// before it sends the next request on a connection, so only a peer
+    /// holding bytes on purpose does both.
     fn largest_holder(&self) -> Option<usize> {
         self.conns
             .iter()
@@ -684,7 +686,6 @@ impl EventLoop<'_> {
             .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
             .filter(|(_, c)| {
                 c.held > 0
-                    && c.sent == c.out.len()
                     && !matches!(
                         c.phase,
                         Phase::Claiming(..) | Phase::Exchanging(..) | Phase::Closing
