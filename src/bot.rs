@@ -204,9 +204,10 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// The most containers a pickle reply may make: one dict is a reply, and
-/// a few more leave room for fields the relay ignores, not for nesting
-/// deep enough to overflow the decoder's stack.
+/// The most containers and memo reads a pickle reply may make: one dict
+/// is a reply, and a few more leave room for fields the relay ignores,
+/// not for nesting deep enough to overflow the decoder's stack nor for
+/// copies that would make the decoder's work much more than the reply.
 pub const PICKLE_CONTAINERS: usize = 64;
 
 /// Reads the bot's reply: an object (a dict in pickle) with `success` and
@@ -215,8 +216,9 @@ pub const PICKLE_CONTAINERS: usize = 64;
 /// A pickle is read as plain data only. serde-pickle never imports or
 /// calls anything: the few builtins it knows (`set`, `frozenset`,
 /// `bytearray`, …) it rebuilds as data, and any other global is an error,
-/// so a reply cannot make the relay run code. How deep it may nest is
-/// bounded before it is decoded ([`PICKLE_CONTAINERS`]).
+/// so a reply cannot make the relay run code. How deep it may nest and
+/// how many values it may copy are bounded before it is decoded
+/// ([`PICKLE_CONTAINERS`], [`crate::pickle`]).
 pub fn decode(wire: Wire, bytes: &[u8]) -> Result<BotReply, BotError> {
     if bytes.is_empty() {
         return Err(BotError::Closed);
@@ -232,12 +234,13 @@ pub fn decode(wire: Wire, bytes: &[u8]) -> Result<BotReply, BotError> {
             serde_json::from_slice(bytes).map_err(|e| invalid(&e))
         }
         Wire::Pickle => {
-            // Before the decoder, which recurses as deep as the pickle nests.
+            // Before the decoder, which recurses as deep as the pickle nests
+            // and copies whatever the pickle uses twice.
             match crate::pickle::containers(bytes) {
                 Ok(n) if n <= PICKLE_CONTAINERS => {}
                 Ok(n) => {
                     return Err(BotError::Invalid(format!(
-                        "reply makes {n} containers (a reply is one dict)"
+                        "reply makes {n} containers and memo reads (a reply is one dict)"
                     )));
                 }
                 Err(e) => return Err(BotError::Invalid(e)),
@@ -733,6 +736,42 @@ mod tests {
             Err(BotError::Invalid(why)) => assert!(why.contains("containers"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// `{'success': True, 'message': 'x', 'junk': junk}` (protocol 2),
+    /// whose `junk` pickles to `list`.
+    fn reply_with_junk(list: &[u8]) -> Vec<u8> {
+        let mut bytes = b"\x80\x02}q\x00(X\x07\x00\x00\x00successq\x01\x88\
+            X\x07\x00\x00\x00messageq\x02X\x01\x00\x00\x00xq\x03\
+            X\x04\x00\x00\x00junkq\x04"
+            .to_vec();
+        bytes.extend(list);
+        bytes.extend(b"u.");
+        bytes
+    }
+
+    /// A reply of a hundred bytes whose list doubles with each DUP and
+    /// APPEND, or of a few kilobytes that reads one long string back from
+    /// the memo a thousand times, is refused before the decoder copies
+    /// anything. Python reads both; 16 doublings keep the decoder quick if
+    /// the check is missing.
+    #[test]
+    fn a_pickle_that_copies_its_values_is_refused() {
+        let doubled = reply_with_junk(&[b"]".as_slice(), &b"2a".repeat(16)].concat());
+        let mut flood = b"]q\x05(X\x00\x10\x00\x00".to_vec();
+        flood.extend([b'm'; 4096]);
+        flood.extend(b"q\x06");
+        flood.extend(b"h\x06".repeat(1000));
+        flood.push(b'e');
+        for bytes in [doubled, reply_with_junk(&flood)] {
+            match decode(Wire::Pickle, &bytes) {
+                Err(BotError::Invalid(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        // The same reply without the copies is an answer.
+        let plain = reply_with_junk(b"]q\x05");
+        assert!(matches!(decode(Wire::Pickle, &plain), Ok(r) if r.success && r.message == "x"));
     }
 
     /// The reply ends at the bot's end of stream, as on the old wire: one
