@@ -122,8 +122,9 @@ pub enum OpenError {
     /// relay refuses to start.
     Refused(String),
     /// The directory is fine but the table cannot be made or opened
-    /// (full disk, read-only file system): the relay runs without
-    /// duplicate protection.
+    /// (a disk too full for the whole table, a read-only file system):
+    /// the relay runs without duplicate protection, as it would if the
+    /// store broke at run time, rather than refuse every sign-up.
     Broken(io::Error),
 }
 
@@ -1242,12 +1243,32 @@ fn whole_table(dir: &OwnedFd) -> io::Result<Option<(File, [u8; 16], u64)>> {
         && b > 0
         && meta.len() == table_size(b)
     {
+        // A table made sparse, by a relay from before tables were
+        // reserved: reserve it now if the disk allows, else use it as is.
+        if meta.blocks().saturating_mul(512) < meta.len()
+            && let Err(e) = reserve(&file, meta.len())
+        {
+            warn!(
+                "replay store: replay.table could not be given its blocks on disk, so a full disk would turn the protection off: {e}"
+            );
+        }
         return Ok(Some((file, salt, b)));
     }
     info!(
         "replay store: replay.table is not a whole table; a new one replaces it, earlier answers are not kept"
     );
     Ok(None)
+}
+
+/// Gives the table its blocks on disk. A sparse table takes a block at
+/// a bucket's first write, and on a full disk that write fails: the
+/// protection would go exactly when the disk fills. A file system that
+/// cannot reserve blocks keeps the table sparse, as before.
+fn reserve(file: &File, size: u64) -> io::Result<()> {
+    match sys::allocate(file, size) {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+        other => other,
+    }
 }
 
 fn table_size(buckets: u64) -> u64 {
@@ -1261,6 +1282,7 @@ fn make_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> 
     let file = File::from(sys::open_at(dir, TABLE_NEW.as_bytes(), true)?);
     let made = (|| {
         file.set_len(size)?;
+        reserve(&file, size)?;
         let salt = random_salt();
         let mut header = [0u8; SWEEP_STATE + 16];
         header[..8].copy_from_slice(MAGIC);
@@ -1616,6 +1638,44 @@ mod tests {
         // Unsalted SHA-256 of the code is not there either.
         let plain = sha256(&[b"code-1"]);
         assert!(!bytes.windows(32).any(|w| w == plain));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A made table has its blocks on disk, so no later write into it
+    /// needs space the disk may no longer have.
+    #[test]
+    fn a_made_table_has_all_its_blocks() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = temp_dir("blocks");
+        let store = open(&dir, TTL, 1000);
+        let meta = fs::metadata(dir.join("replay.table")).unwrap();
+        assert_eq!(meta.len(), table_size(125));
+        assert!(
+            meta.blocks() * 512 >= meta.len(),
+            "{} bytes allocated of {}",
+            meta.blocks() * 512,
+            meta.len()
+        );
+        // A table made sparse (by a relay from before tables were
+        // reserved) is given its blocks when a relay opens it, and kept.
+        drop(store);
+        let sparse = dir.join("sparse");
+        fs::copy(dir.join("replay.table"), &sparse).unwrap();
+        let file = fs::OpenOptions::new().write(true).open(&sparse).unwrap();
+        file.set_len(0).unwrap();
+        file.set_len(meta.len()).unwrap();
+        let mut header = fs::read(dir.join("replay.table")).unwrap();
+        header.truncate(HEADER);
+        file.write_all_at(&header, 0).unwrap();
+        assert!(file.metadata().unwrap().blocks() * 512 < meta.len());
+        fs::rename(&sparse, dir.join("replay.table")).unwrap();
+        let _again = open(&dir, TTL, 1000);
+        let meta = fs::metadata(dir.join("replay.table")).unwrap();
+        assert!(meta.blocks() * 512 >= meta.len(), "{}", meta.blocks());
+        assert_eq!(
+            fs::read(dir.join("replay.table")).unwrap()[..HEADER],
+            header[..]
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -334,6 +334,17 @@ pub fn open_at(dir: &impl AsFd, name: &[u8], create: bool) -> io::Result<OwnedFd
     owned(fd)
 }
 
+/// Gives the first `len` bytes of `file` their blocks on disk now, so
+/// that later writes there cannot fail for want of space. The file
+/// system does it in one call or says it cannot (`EOPNOTSUPP`): no
+/// fallback writes zeros, which would race with others writing the file.
+pub fn allocate(file: &impl AsFd, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large"))?;
+    // SAFETY: a valid descriptor; the call reads and writes no memory of ours.
+    check(unsafe { libc::fallocate(file.as_fd().as_raw_fd(), 0, 0, len) })
+}
+
 /// Renames `from` to `to`, both in `dir`.
 pub fn rename_at(dir: &impl AsFd, from: &[u8], to: &[u8]) -> io::Result<()> {
     let (from, to) = (cstring(from)?, cstring(to)?);
