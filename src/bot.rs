@@ -386,8 +386,8 @@ fn send_message(conn: &Stream, message: &[u8], deadline: Instant) -> Result<(), 
 /// too, and a bot's reply must not be an answer in one mode and a timeout
 /// in the other, or an answer or a refusal depending on how TCP cut it.
 fn read_reply(conn: &Stream, wire: Wire, deadline: Instant) -> Result<BotReply, BotError> {
-    // Read straight into the reply, grown as needed: no 8 KiB buffer on
-    // the stack of each thread.
+    // A typical reply fits in 512 bytes; a longer one doubles the
+    // buffer up to the cap.
     let mut reply = vec![0u8; 512];
     let mut len = 0;
     // Right after the half-close the bot has not answered yet: wait first.

@@ -416,7 +416,10 @@ impl Busy {
                 );
                 Undelivered::Bot(BotError::Unavailable(io::Error::new(
                     io::ErrorKind::WouldBlock,
-                    "every replay slot of this code's bucket was in a delivery",
+                    match self.kind {
+                        BusyKind::Bucket => "the code's bucket stayed busy",
+                        _ => "every replay slot of this code's bucket was in a delivery",
+                    },
                 )))
             }
         }
