@@ -35,8 +35,9 @@ pub struct BotReply {
 /// Why no answer came from the bot.
 #[derive(Debug)]
 pub enum BotError {
-    /// Nothing accepted the connection within the retry window: the code
-    /// was never sent, so the player can simply try again.
+    /// Nothing accepted the connection within the retry window, or no
+    /// connection was made by the deadline: the code was never sent, so
+    /// the player can simply try again.
     Unavailable(io::Error),
     /// No full answer before the deadline.
     Timeout,
@@ -274,7 +275,7 @@ enum Attempt {
     /// Nothing of the message left this host (refused, no such socket):
     /// the connection may be tried again.
     NotSent(io::Error),
-    /// A failure past that point, or the deadline.
+    /// A failure once some of the message may have left.
     Failed(BotError),
 }
 
@@ -290,7 +291,11 @@ fn connect_and_send(
     let retry_until = Instant::now() + retry;
     let mut pause = Duration::from_millis(25);
     loop {
-        remaining(deadline)?;
+        // Only a connection that took nothing of the message comes back
+        // here: past the deadline the code has still not left.
+        if remaining(deadline).is_err() {
+            return Err(BotError::Unavailable(not_connected()));
+        }
         let attempt = match addr {
             BotAddr::Tcp(addrs) => send_tcp(addrs, message, deadline),
             BotAddr::Unix(path) => send_unix(path, message, deadline),
@@ -314,10 +319,14 @@ fn connect_and_send(
     }
 }
 
-/// Tries each address in turn until one takes the message.
+/// Tries each address in turn until one takes the message, by the
+/// deadline: none is tried past it.
 fn send_tcp(addrs: &[SocketAddr], message: &[u8], deadline: Instant) -> Result<Stream, Attempt> {
     let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no address");
     for addr in addrs {
+        if Instant::now() >= deadline {
+            break;
+        }
         let conn = match sys::start_connect_tcp(addr) {
             Ok(s) => Stream::Tcp(s),
             Err(e) => {
@@ -344,7 +353,7 @@ fn send_unix(path: &Path, message: &[u8], deadline: Instant) -> Result<Stream, A
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return Err(Attempt::Failed(BotError::Timeout));
+                    return Err(Attempt::NotSent(not_connected()));
                 }
                 thread::sleep(pause.min(left));
                 pause = (pause * 2).min(Duration::from_millis(20));
@@ -359,7 +368,10 @@ fn send_unix(path: &Path, message: &[u8], deadline: Instant) -> Result<Stream, A
 /// Sends the whole message on a non-blocking socket whose connection may
 /// still be under way, waiting for room (or for the handshake) by the
 /// deadline. An error before the first byte is `NotSent`: a refused
-/// connection surfaces here.
+/// connection surfaces here, and so does one whose handshake never ended
+/// (a firewall that drops it, a backlog that stays full): the deadline
+/// passing before the first byte left is not a timeout of the bot's, the
+/// code was never sent.
 fn send_message(conn: &Stream, message: &[u8], deadline: Instant) -> Result<(), Attempt> {
     let mut sent = 0;
     while sent < message.len() {
@@ -369,7 +381,9 @@ fn send_message(conn: &Stream, message: &[u8], deadline: Instant) -> Result<(), 
             Some(Err(e)) => return Err(Attempt::Failed(io_error(e))),
             None => match sys::wait_ready(conn, libc::POLLOUT, deadline) {
                 Ok(Some(_)) => {}
+                Ok(None) if sent == 0 => return Err(Attempt::NotSent(not_connected())),
                 Ok(None) => return Err(Attempt::Failed(BotError::Timeout)),
+                Err(e) if sent == 0 => return Err(Attempt::NotSent(e)),
                 Err(e) => return Err(Attempt::Failed(io_error(e))),
             },
         }
@@ -436,6 +450,14 @@ fn remaining(deadline: Instant) -> Result<Duration, BotError> {
     } else {
         Ok(left)
     }
+}
+
+/// Why a code never left: no connection took it by the deadline.
+fn not_connected() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "no connection to the bot was made in time; the code was not sent",
+    )
 }
 
 fn io_error(e: io::Error) -> BotError {
@@ -637,8 +659,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A connect that never completes is given up at the deadline, and
+    /// the code, which never left, is unsent (503, try again), not a
+    /// timeout of the bot's (504, which would also be kept for repeats).
     #[test]
-    fn a_connect_that_hangs_times_out_within_the_bound() {
+    fn a_connect_that_hangs_is_unsent_within_the_bound() {
         // A listener that never accepts, its queue full: Linux drops
         // further SYNs, so a connect hangs until its timeout.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -656,7 +681,11 @@ mod tests {
         let started = Instant::now();
         let err = exchange(&c, "s", "c").unwrap_err();
         let took = started.elapsed();
-        assert!(matches!(err, BotError::Timeout), "{err}");
+        assert!(
+            matches!(&err, BotError::Unavailable(e) if e.kind() == io::ErrorKind::TimedOut),
+            "{err}"
+        );
+        assert_eq!(Outcome::BotFailed(err.kind()).status(), 503);
         assert!(
             took >= Duration::from_millis(290) && took < Duration::from_millis(1500),
             "{took:?}"
@@ -898,7 +927,11 @@ mod tests {
         let started = Instant::now();
         let r = exchange(&c, "s", "c");
         let took = started.elapsed();
-        assert!(matches!(r, Err(BotError::Timeout)), "{r:?}");
+        // The code never left: unsent, as for a TCP connect that hangs.
+        assert!(
+            matches!(&r, Err(BotError::Unavailable(e)) if e.kind() == io::ErrorKind::TimedOut),
+            "{r:?}"
+        );
         assert!(took >= Duration::from_millis(290), "{took:?}");
         // Room made while the relay waits: the code gets through.
         let c = config_for(BotAddr::Unix(path.clone()), 30_000, 0);
