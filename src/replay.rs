@@ -21,9 +21,10 @@
 //! Single flight uses open-file-description byte-range locks, one byte per
 //! bucket (held while a slot is looked up or claimed, microseconds) and one
 //! per slot (held for the whole delivery), in a range past the end of the
-//! file. Those locks do not exclude threads sharing the descriptor, so the
-//! same ranges are also claimed in an in-process set with a condvar.
-//! Neither kind of lock wait can outlast the caller's deadline. An answer
+//! file. Those locks do not exclude users of the same descriptor (the
+//! event loop's connections, housekeeping), so the same ranges are also
+//! claimed in an in-process set. No lock wait can outlast the caller's
+//! deadline. An answer
 //! is final, so a replay is read under its bucket's lock alone; a seal (a
 //! checksum) in each slot tells a whole slot from one read mid-write.
 //!
@@ -42,8 +43,8 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -137,7 +138,8 @@ impl fmt::Display for OpenError {
     }
 }
 
-/// The replay store, shared by every thread of a process.
+/// The replay store: one open table per process, shared by its requests
+/// and its housekeeping.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -152,12 +154,10 @@ struct Inner {
     buckets: u64,
     salt: [u8; 16],
     ttl: Duration,
-    /// Lock bytes this process holds: OFD locks do not tell its threads apart.
+    /// Lock bytes this process holds. OFD locks do not tell apart the
+    /// users of one descriptor: the event loop's connections, each with
+    /// its own delivery, and the housekeeping thread.
     held: Mutex<HashSet<u64>>,
-    freed: Condvar,
-    /// Threads waiting on `freed`, changed only under `held`'s lock: a
-    /// wake-up is a system call, made only when someone waits.
-    waiting: AtomicUsize,
     /// This process's id, written into intents (`getpid` is not cached).
     pid: u32,
     /// Set once this process has said that `replay.table` is no longer the
@@ -387,8 +387,9 @@ pub enum Begin {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Busy {
     kind: BusyKind,
-    /// The lock byte to wait on, when there is one.
-    byte: Option<u64>,
+    /// The entry went away as it was looked at (a refused delivery left
+    /// nothing): look again without a pause.
+    again: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -493,7 +494,7 @@ enum Attempt<'a> {
     Busy(Busy),
 }
 
-/// A lock byte held by this thread: released (and waiters woken) on drop.
+/// A lock byte held by this process for one user: released on drop.
 struct Locked<'a> {
     inner: &'a Inner,
     byte: u64,
@@ -620,8 +621,6 @@ impl Store {
                 salt,
                 ttl,
                 held: Mutex::new(HashSet::new()),
-                freed: Condvar::new(),
-                waiting: AtomicUsize::new(0),
                 pid: std::process::id(),
             }),
         })
@@ -656,8 +655,7 @@ impl Store {
                     if now >= deadline {
                         return Err(busy.given_up());
                     }
-                    self.inner
-                        .wait_for(busy, (now + pause).min(deadline), deadline);
+                    self.inner.wait_for(busy, (now + pause).min(deadline));
                     pause = (pause * 2).min(BUSY_PAUSE_MAX);
                 }
             }
@@ -752,16 +750,9 @@ impl Inner {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Gives up this process's claim on `byte` and wakes its waiters.
+    /// Gives up this process's claim on `byte`.
     fn release(&self, byte: u64) {
-        let waiting = {
-            let mut held = self.held_set();
-            held.remove(&byte);
-            self.waiting.load(Ordering::Relaxed)
-        };
-        if waiting > 0 {
-            self.freed.notify_all();
-        }
+        self.held_set().remove(&byte);
     }
 
     /// Takes lock byte `byte` if nobody holds it, in this process or another.
@@ -779,14 +770,12 @@ impl Inner {
     }
 
     /// Takes lock byte `byte`, waiting for it until `deadline`: `None` if
-    /// it is still held then. fcntl has no timed wait, so another
-    /// process's lock is polled.
+    /// it is still held then. fcntl has no timed wait, so the lock is
+    /// polled; the only waiter is housekeeping, for a bucket a request
+    /// holds for microseconds.
     fn lock(&self, byte: u64, deadline: Instant) -> io::Result<Option<Locked<'_>>> {
         let mut pause = Duration::from_millis(1);
         loop {
-            if !self.wait_released(self.held_set(), byte, deadline) {
-                return Ok(None);
-            }
             if let Some(locked) = self.try_lock(byte)? {
                 return Ok(Some(locked));
             }
@@ -797,30 +786,6 @@ impl Inner {
             thread::sleep(pause.min(deadline - now));
             pause = (pause * 2).min(Duration::from_millis(20));
         }
-    }
-
-    /// Waits, until `deadline` at the most, for this process to give up
-    /// lock byte `byte`: whether it did.
-    fn wait_released(
-        &self,
-        mut held: MutexGuard<'_, HashSet<u64>>,
-        byte: u64,
-        deadline: Instant,
-    ) -> bool {
-        while held.contains(&byte) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            self.waiting.fetch_add(1, Ordering::Relaxed);
-            held = self
-                .freed
-                .wait_timeout(held, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
-        }
-        true
     }
 
     fn bucket_lock(&self, bucket: u64) -> u64 {
@@ -868,7 +833,7 @@ impl Inner {
         let Some(_bucket_guard) = self.try_lock(bucket_byte)? else {
             return Ok(Attempt::Busy(Busy {
                 kind: BusyKind::Bucket,
-                byte: Some(bucket_byte),
+                again: false,
             }));
         };
         let now = now_nanos();
@@ -884,7 +849,7 @@ impl Inner {
                 let Some(guard) = self.try_lock(byte)? else {
                     return Ok(Attempt::Busy(Busy {
                         kind: BusyKind::InFlight,
-                        byte: Some(byte),
+                        again: false,
                     }));
                 };
                 let offset = self.slot_offset(bucket, i);
@@ -895,7 +860,7 @@ impl Inner {
                     // A refused delivery left nothing: look again at once.
                     return Ok(Attempt::Busy(Busy {
                         kind: BusyKind::Bucket,
-                        byte: None,
+                        again: true,
                     }));
                 }
                 let result = match verdict(&slot, now_nanos(), self.ttl, asked) {
@@ -928,24 +893,18 @@ impl Inner {
                 // for one to end.
                 Ok(Attempt::Busy(Busy {
                     kind: BusyKind::NoRoom,
-                    byte: None,
+                    again: false,
                 }))
             }
         }
     }
 
-    /// Waits, for a blocking caller, until `busy` may have passed: until
-    /// this process lets the byte go (at most until `deadline`), or, when
-    /// another process or nothing in particular holds it, until `until`.
-    fn wait_for(&self, busy: Busy, until: Instant, deadline: Instant) {
-        if let Some(byte) = busy.byte {
-            let held = self.held_set();
-            if held.contains(&byte) {
-                self.wait_released(held, byte, deadline);
-                return;
-            }
-        }
-        if busy.kind == BusyKind::Bucket && busy.byte.is_none() {
+    /// Waits, for a blocking caller, until `busy` may have passed: at
+    /// once when the entry went away as it was looked at, else until
+    /// `until`. The holder is another process (a blocking caller is its
+    /// process's only request), whose release no wake-up can tell.
+    fn wait_for(&self, busy: Busy, until: Instant) {
+        if busy.again {
             return;
         }
         thread::sleep(until.saturating_duration_since(Instant::now()));
@@ -1812,6 +1771,9 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// Requests sharing one open table, as the event loop's connections
+    /// do, are kept apart by the in-process set of held bytes, since OFD
+    /// locks do not tell them apart; threads stand in for them here.
     #[test]
     fn concurrent_repeats_in_one_process_wait_for_the_one_in_flight() {
         let dir = temp_dir("conc");
