@@ -375,11 +375,20 @@ pub fn list_dir(dir: &impl AsFd) -> io::Result<Vec<Vec<u8>>> {
     // SAFETY: a valid DIR stream.
     unsafe { libc::rewinddir(stream) };
     let mut names = Vec::new();
-    loop {
+    let ended = loop {
+        // readdir returns NULL both at the end and on an error; only errno
+        // tells them apart, so it is cleared first.
+        // SAFETY: errno is this thread's own.
+        unsafe { *libc::__errno_location() = 0 };
         // SAFETY: a valid DIR stream, used by this thread only.
         let entry = unsafe { libc::readdir(stream) };
         if entry.is_null() {
-            break;
+            let e = io::Error::last_os_error();
+            break if e.raw_os_error() == Some(0) {
+                Ok(())
+            } else {
+                Err(e)
+            };
         }
         // SAFETY: readdir returned a valid entry whose d_name is a
         // NUL-terminated string, valid until the next readdir.
@@ -387,10 +396,11 @@ pub fn list_dir(dir: &impl AsFd) -> io::Result<Vec<Vec<u8>>> {
         if name != b"." && name != b".." {
             names.push(name.to_vec());
         }
-    }
+    };
     // SAFETY: a valid DIR stream, closed once.
     unsafe { libc::closedir(stream) };
-    Ok(names)
+    // A listing cut short is not taken for the whole directory.
+    ended.map(|()| names)
 }
 
 /// Makes the calling thread yield to the others (nice 10): for work that
@@ -573,21 +583,30 @@ pub fn install_interrupt_signal() -> io::Result<()> {
     Ok(())
 }
 
-/// A thread that [`interrupt`] can reach.
+/// A thread that [`interrupt`] can reach: its kernel id, which stays a
+/// plain number after the thread ends (unlike a `pthread_t`).
 #[derive(Clone, Copy, Debug)]
-pub struct ThreadId(libc::pthread_t);
+pub struct ThreadId(libc::pid_t);
 
 /// The calling thread.
 pub fn this_thread() -> ThreadId {
-    // SAFETY: pthread_self has no preconditions.
-    ThreadId(unsafe { libc::pthread_self() })
+    // SAFETY: gettid has no preconditions and cannot fail.
+    ThreadId(unsafe { libc::gettid() })
 }
 
-/// Sends [`interrupt_signal`] to `thread`, which must still be running
-/// (the process's main thread is, for as long as the process is).
+/// Sends [`interrupt_signal`] to `thread`. A thread that has ended makes
+/// it fail with ESRCH, which is ignored: nothing is left to interrupt.
 pub fn interrupt(thread: ThreadId) {
-    // SAFETY: the caller promises the thread is alive; a bad id only errors.
-    unsafe { libc::pthread_kill(thread.0, interrupt_signal()) };
+    // SAFETY: tgkill takes plain numbers and touches no memory of ours;
+    // limiting it to this process keeps a reused id elsewhere out of reach.
+    unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid(),
+            thread.0,
+            interrupt_signal(),
+        )
+    };
 }
 
 /// Accepts a connection on `listener`, blocking; unlike std's accept it
@@ -728,6 +747,17 @@ pub fn set_open_files_limit(soft: u64) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::fs::File;
+
+    /// A thread that has ended can still be named: the interrupt is then
+    /// a refused system call, never a look at freed thread memory.
+    #[test]
+    fn interrupting_a_thread_that_has_ended_does_nothing() {
+        install_interrupt_signal().unwrap();
+        let gone = std::thread::spawn(this_thread).join().unwrap();
+        interrupt(gone);
+        // A live one gets it, and its handler does nothing.
+        interrupt(this_thread());
+    }
 
     #[test]
     fn a_lowered_priority_is_the_calling_threads_alone() {
