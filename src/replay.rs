@@ -532,16 +532,13 @@ impl Store {
                 dir.display().to_string()
             ))
         };
-        let meta = File::from(dir_fd.try_clone().map_err(OpenError::Broken)?)
-            .metadata()
-            .map_err(|e| refuse(e.to_string()))?;
+        let (owner, mode) = sys::owner_and_mode(&dir_fd).map_err(|e| refuse(e.to_string()))?;
         let uid = sys::effective_uid();
-        if meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        if owner != uid || mode & 0o077 != 0 {
             return Err(refuse(format!(
                 "it must be private to the relay's user (uid {uid}, mode 0700), \
-                 and is owned by uid {} with mode {:04o}",
-                meta.uid(),
-                meta.mode() & 0o7777
+                 and is owned by uid {owner} with mode {:04o}",
+                mode & 0o7777
             )));
         }
         // A directory with a table in it was checked when the table was
@@ -591,17 +588,16 @@ impl Store {
             Some(names.iter().any(|n| old_layout(n)))
         };
         let wanted = max_entries.div_ceil(PER_BUCKET).max(1) as u64;
-        let (file, salt, buckets) = open_table(&dir_fd, wanted).map_err(OpenError::Broken)?;
+        let (file, salt, buckets, old_gone) =
+            open_table(&dir_fd, wanted).map_err(OpenError::Broken)?;
         let old_layout_left = match listed_old {
             Some(true) => true,
             Some(false) => {
                 mark_old_layout_gone(&file);
                 false
             }
-            None => {
-                let mut gone = [0u8; 1];
-                read_at(&file, &mut gone, OLD_LAYOUT_GONE).is_err() || gone[0] != 1
-            }
+            // Read with the header, when the table was opened.
+            None => !old_gone,
         };
         if buckets != wanted {
             warn!(
@@ -1161,7 +1157,11 @@ fn open_dir(dir: &Path) -> Result<OwnedFd, OpenError> {
 /// Opens the table, or makes a new one when there is none or it is not
 /// whole: that with the directory locked, so that relays starting together
 /// agree on one file.
-fn open_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> {
+/// An open table: its file, salt and buckets, and whether its header
+/// says that no file of the older layout is left.
+type Opened = (File, [u8; 16], u64, bool);
+
+fn open_table(dir: &OwnedFd, buckets: u64) -> io::Result<Opened> {
     // The usual case needs no lock: a table is only ever put in place
     // whole, by a rename, so one found whole stays whole.
     if let Some(found) = whole_table(dir)? {
@@ -1191,7 +1191,7 @@ fn open_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> 
 /// whatever `REGISTER_REPLAY_MAX` asks: relays that still have it open
 /// would otherwise keep using a file no longer in the directory, and a
 /// code could reach the bot once through each table.
-fn whole_table(dir: &OwnedFd) -> io::Result<Option<(File, [u8; 16], u64)>> {
+fn whole_table(dir: &OwnedFd) -> io::Result<Option<Opened>> {
     let file = match sys::open_at(dir, TABLE.as_bytes(), false) {
         Ok(fd) => File::from(fd),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -1214,7 +1214,8 @@ fn whole_table(dir: &OwnedFd) -> io::Result<Option<(File, [u8; 16], u64)>> {
                 "replay store: replay.table could not be given its blocks on disk, so a full disk would turn the protection off: {e}"
             );
         }
-        return Ok(Some((file, salt, b)));
+        let old_gone = header[OLD_LAYOUT_GONE as usize] == 1;
+        return Ok(Some((file, salt, b, old_gone)));
     }
     info!(
         "replay store: replay.table is not a whole table; a new one replaces it, earlier answers are not kept"
@@ -1239,7 +1240,7 @@ fn table_size(buckets: u64) -> u64 {
 
 /// Makes a new table of `buckets` and renames it into place; the caller
 /// holds the directory's lock.
-fn make_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> {
+fn make_table(dir: &OwnedFd, buckets: u64) -> io::Result<Opened> {
     let size = table_size(buckets);
     let file = File::from(sys::open_at(dir, TABLE_NEW.as_bytes(), true)?);
     let made = (|| {
@@ -1259,7 +1260,7 @@ fn make_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> 
         Ok(salt)
     })();
     match made {
-        Ok(salt) => Ok((file, salt, buckets)),
+        Ok(salt) => Ok((file, salt, buckets, false)),
         Err(e) => {
             let _ = sys::unlink_at(dir, TABLE_NEW.as_bytes());
             Err(e)

@@ -281,6 +281,15 @@ pub fn effective_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// The owner and mode of an open file, in one `fstat`.
+pub fn owner_and_mode(file: &impl AsFd) -> io::Result<(u32, u32)> {
+    // SAFETY: stat is plain data; all zeroes is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a stat buffer of the right size.
+    check(unsafe { libc::fstat(file.as_fd().as_raw_fd(), &mut st) })?;
+    Ok((st.st_uid, st.st_mode))
+}
+
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::other("a name holds a NUL byte"))
 }
