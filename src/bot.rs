@@ -35,8 +35,9 @@ pub struct BotReply {
 /// Why no answer came from the bot.
 #[derive(Debug)]
 pub enum BotError {
-    /// Nothing accepted the connection within the retry window: the code
-    /// was never sent, so the player can simply try again.
+    /// Nothing accepted the connection within the retry window, or no
+    /// connection was made by the deadline: the code was never sent, so
+    /// the player can simply try again.
     Unavailable(io::Error),
     /// No full answer before the deadline.
     Timeout,
@@ -204,9 +205,10 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// The most containers a pickle reply may make: one dict is a reply, and
-/// a few more leave room for fields the relay ignores, not for nesting
-/// deep enough to overflow the decoder's stack.
+/// The most containers and memo reads a pickle reply may make: one dict
+/// is a reply, and a few more leave room for fields the relay ignores,
+/// not for nesting deep enough to overflow the decoder's stack nor for
+/// copies that would make the decoder's work much more than the reply.
 pub const PICKLE_CONTAINERS: usize = 64;
 
 /// Reads the bot's reply: an object (a dict in pickle) with `success` and
@@ -215,8 +217,9 @@ pub const PICKLE_CONTAINERS: usize = 64;
 /// A pickle is read as plain data only. serde-pickle never imports or
 /// calls anything: the few builtins it knows (`set`, `frozenset`,
 /// `bytearray`, …) it rebuilds as data, and any other global is an error,
-/// so a reply cannot make the relay run code. How deep it may nest is
-/// bounded before it is decoded ([`PICKLE_CONTAINERS`]).
+/// so a reply cannot make the relay run code. How deep it may nest and
+/// how many values it may copy are bounded before it is decoded
+/// ([`PICKLE_CONTAINERS`], [`crate::pickle`]).
 pub fn decode(wire: Wire, bytes: &[u8]) -> Result<BotReply, BotError> {
     if bytes.is_empty() {
         return Err(BotError::Closed);
@@ -232,12 +235,13 @@ pub fn decode(wire: Wire, bytes: &[u8]) -> Result<BotReply, BotError> {
             serde_json::from_slice(bytes).map_err(|e| invalid(&e))
         }
         Wire::Pickle => {
-            // Before the decoder, which recurses as deep as the pickle nests.
+            // Before the decoder, which recurses as deep as the pickle nests
+            // and copies whatever the pickle uses twice.
             match crate::pickle::containers(bytes) {
                 Ok(n) if n <= PICKLE_CONTAINERS => {}
                 Ok(n) => {
                     return Err(BotError::Invalid(format!(
-                        "reply makes {n} containers (a reply is one dict)"
+                        "reply makes {n} containers and memo reads (a reply is one dict)"
                     )));
                 }
                 Err(e) => return Err(BotError::Invalid(e)),
@@ -271,7 +275,7 @@ enum Attempt {
     /// Nothing of the message left this host (refused, no such socket):
     /// the connection may be tried again.
     NotSent(io::Error),
-    /// A failure past that point, or the deadline.
+    /// A failure once some of the message may have left.
     Failed(BotError),
 }
 
@@ -292,7 +296,11 @@ fn connect_and_send(
     let retry_until = Instant::now() + retry;
     let mut pause = REFUSED_PAUSE;
     loop {
-        remaining(deadline)?;
+        // Only a connection that took nothing of the message comes back
+        // here: past the deadline the code has still not left.
+        if remaining(deadline).is_err() {
+            return Err(BotError::Unavailable(not_connected()));
+        }
         let attempt = match addr {
             BotAddr::Tcp(addrs) => send_tcp(addrs, message, deadline),
             BotAddr::Unix(path) => send_unix(path, message, deadline),
@@ -316,10 +324,14 @@ fn connect_and_send(
     }
 }
 
-/// Tries each address in turn until one takes the message.
+/// Tries each address in turn until one takes the message, by the
+/// deadline: none is tried past it.
 fn send_tcp(addrs: &[SocketAddr], message: &[u8], deadline: Instant) -> Result<Stream, Attempt> {
     let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no address");
     for addr in addrs {
+        if Instant::now() >= deadline {
+            break;
+        }
         let conn = match sys::start_connect_tcp(addr) {
             Ok(s) => Stream::Tcp(s),
             Err(e) => {
@@ -346,7 +358,7 @@ fn send_unix(path: &Path, message: &[u8], deadline: Instant) -> Result<Stream, A
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    return Err(Attempt::Failed(BotError::Timeout));
+                    return Err(Attempt::NotSent(not_connected()));
                 }
                 thread::sleep(pause.min(left));
                 pause = (pause * 2).min(Duration::from_millis(20));
@@ -361,7 +373,10 @@ fn send_unix(path: &Path, message: &[u8], deadline: Instant) -> Result<Stream, A
 /// Sends the whole message on a non-blocking socket whose connection may
 /// still be under way, waiting for room (or for the handshake) by the
 /// deadline. An error before the first byte is `NotSent`: a refused
-/// connection surfaces here.
+/// connection surfaces here, and so does one whose handshake never ended
+/// (a firewall that drops it, a backlog that stays full): the deadline
+/// passing before the first byte left is not a timeout of the bot's, the
+/// code was never sent.
 fn send_message(conn: &Stream, message: &[u8], deadline: Instant) -> Result<(), Attempt> {
     let mut sent = 0;
     while sent < message.len() {
@@ -371,7 +386,9 @@ fn send_message(conn: &Stream, message: &[u8], deadline: Instant) -> Result<(), 
             Some(Err(e)) => return Err(Attempt::Failed(io_error(e))),
             None => match sys::wait_ready(conn, libc::POLLOUT, deadline) {
                 Ok(Some(_)) => {}
+                Ok(None) if sent == 0 => return Err(Attempt::NotSent(not_connected())),
                 Ok(None) => return Err(Attempt::Failed(BotError::Timeout)),
+                Err(e) if sent == 0 => return Err(Attempt::NotSent(e)),
                 Err(e) => return Err(Attempt::Failed(io_error(e))),
             },
         }
@@ -388,8 +405,8 @@ fn send_message(conn: &Stream, message: &[u8], deadline: Instant) -> Result<(), 
 /// too, and a bot's reply must not be an answer in one mode and a timeout
 /// in the other, or an answer or a refusal depending on how TCP cut it.
 fn read_reply(conn: &Stream, wire: Wire, deadline: Instant) -> Result<BotReply, BotError> {
-    // Read straight into the reply, grown as needed: no 8 KiB buffer on
-    // the stack of each thread.
+    // A typical reply fits in 512 bytes; a longer one doubles the
+    // buffer up to the cap.
     let mut reply = vec![0u8; 512];
     let mut len = 0;
     // Right after the half-close the bot has not answered yet: wait first.
@@ -438,6 +455,14 @@ fn remaining(deadline: Instant) -> Result<Duration, BotError> {
     } else {
         Ok(left)
     }
+}
+
+/// Why a code never left: no connection took it by the deadline.
+pub(crate) fn not_connected() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "no connection to the bot was made in time; the code was not sent",
+    )
 }
 
 pub(crate) fn io_error(e: io::Error) -> BotError {
@@ -639,8 +664,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A connect that never completes is given up at the deadline, and
+    /// the code, which never left, is unsent (503, try again), not a
+    /// timeout of the bot's (504, which would also be kept for repeats).
     #[test]
-    fn a_connect_that_hangs_times_out_within_the_bound() {
+    fn a_connect_that_hangs_is_unsent_within_the_bound() {
         // A listener that never accepts, its queue full: Linux drops
         // further SYNs, so a connect hangs until its timeout.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -658,7 +686,11 @@ mod tests {
         let started = Instant::now();
         let err = exchange(&c, "s", "c").unwrap_err();
         let took = started.elapsed();
-        assert!(matches!(err, BotError::Timeout), "{err}");
+        assert!(
+            matches!(&err, BotError::Unavailable(e) if e.kind() == io::ErrorKind::TimedOut),
+            "{err}"
+        );
+        assert_eq!(Outcome::BotFailed(err.kind()).status(), 503);
         assert!(
             took >= Duration::from_millis(290) && took < Duration::from_millis(1500),
             "{took:?}"
@@ -738,6 +770,42 @@ mod tests {
             Err(BotError::Invalid(why)) => assert!(why.contains("containers"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// `{'success': True, 'message': 'x', 'junk': junk}` (protocol 2),
+    /// whose `junk` pickles to `list`.
+    fn reply_with_junk(list: &[u8]) -> Vec<u8> {
+        let mut bytes = b"\x80\x02}q\x00(X\x07\x00\x00\x00successq\x01\x88\
+            X\x07\x00\x00\x00messageq\x02X\x01\x00\x00\x00xq\x03\
+            X\x04\x00\x00\x00junkq\x04"
+            .to_vec();
+        bytes.extend(list);
+        bytes.extend(b"u.");
+        bytes
+    }
+
+    /// A reply of a hundred bytes whose list doubles with each DUP and
+    /// APPEND, or of a few kilobytes that reads one long string back from
+    /// the memo a thousand times, is refused before the decoder copies
+    /// anything. Python reads both; 16 doublings keep the decoder quick if
+    /// the check is missing.
+    #[test]
+    fn a_pickle_that_copies_its_values_is_refused() {
+        let doubled = reply_with_junk(&[b"]".as_slice(), &b"2a".repeat(16)].concat());
+        let mut flood = b"]q\x05(X\x00\x10\x00\x00".to_vec();
+        flood.extend([b'm'; 4096]);
+        flood.extend(b"q\x06");
+        flood.extend(b"h\x06".repeat(1000));
+        flood.push(b'e');
+        for bytes in [doubled, reply_with_junk(&flood)] {
+            match decode(Wire::Pickle, &bytes) {
+                Err(BotError::Invalid(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        // The same reply without the copies is an answer.
+        let plain = reply_with_junk(b"]q\x05");
+        assert!(matches!(decode(Wire::Pickle, &plain), Ok(r) if r.success && r.message == "x"));
     }
 
     /// The reply ends at the bot's end of stream, as on the old wire: one
@@ -864,7 +932,11 @@ mod tests {
         let started = Instant::now();
         let r = exchange(&c, "s", "c");
         let took = started.elapsed();
-        assert!(matches!(r, Err(BotError::Timeout)), "{r:?}");
+        // The code never left: unsent, as for a TCP connect that hangs.
+        assert!(
+            matches!(&r, Err(BotError::Unavailable(e)) if e.kind() == io::ErrorKind::TimedOut),
+            "{r:?}"
+        );
         assert!(took >= Duration::from_millis(290), "{took:?}");
         // Room made while the relay waits: the code gets through.
         let c = config_for(BotAddr::Unix(path.clone()), 30_000, 0);

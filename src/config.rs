@@ -87,7 +87,8 @@ pub struct Config {
     pub max_conns: Option<usize>,
     /// Bound on a web server's FastCGI request, on the wait between its
     /// requests and on each write, so a server that stalls or trickles
-    /// cannot pin a thread.
+    /// cannot hold the relay's connection, or its one serial process, for
+    /// ever.
     pub fcgi_timeout: Duration,
 }
 

@@ -212,7 +212,7 @@ fn serve_concurrently(
 ) -> std::io::Result<()> {
     relay.start_housekeeping();
     let limits = tourney_register::event::fit_descriptor_limit(*limits);
-    server::serve_events(&relay, listener, &limits, status)
+    tourney_register::event::serve(&relay, listener, &limits, status)
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Mode>, String> {

@@ -62,21 +62,21 @@ impl fmt::Display for TemplateError {
 impl std::error::Error for TemplateError {}
 
 /// The page renderer, built once at start.
-pub struct Page {
-    /// `None`: the built-in page, rendered directly (compiling a template
-    /// costs a CGI start more than rendering it).
-    env: Option<Environment<'static>>,
-    /// The built-in page cut at its tags, once: a request only copies.
-    pieces: Vec<Piece>,
+pub struct Page(Source);
+
+enum Source {
+    /// The built-in page, rendered directly (compiling a template costs a
+    /// CGI start more than rendering it), cut at its tags once: a request
+    /// only copies.
+    BuiltIn(Vec<Piece>),
+    /// An operator's template.
+    Template(Box<Environment<'static>>),
 }
 
 impl Page {
     /// The page built into the program.
     pub fn built_in() -> Page {
-        Page {
-            env: None,
-            pieces: cut_built_in(),
-        }
+        Page(Source::BuiltIn(cut_built_in()))
     }
 
     /// Loads an organiser's template and renders it once with every kind
@@ -107,10 +107,7 @@ impl Page {
         let mut env = Environment::new();
         env.set_auto_escape_callback(|_| AutoEscape::Html);
         env.add_template_owned("page", source)?;
-        Ok(Page {
-            env: Some(env),
-            pieces: Vec::new(),
-        })
+        Ok(Page(Source::Template(Box::new(env))))
     }
 
     /// The full response for an outcome.
@@ -148,8 +145,9 @@ impl Page {
             retry,
             status,
         } = view;
-        let Some(env) = &self.env else {
-            return Ok(render_built_in(&self.pieces, view));
+        let env = match &self.0 {
+            Source::BuiltIn(pieces) => return Ok(render_built_in(pieces, view)),
+            Source::Template(env) => env,
         };
         env.get_template("page")?.render(context! {
             ok => *ok,

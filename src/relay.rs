@@ -15,8 +15,7 @@ use crate::page::{Page, TemplateError};
 use crate::redirect::{self, Redirect};
 use crate::replay::{Begin, Busy, Delivery, OpenError, Store, Ticket, Undelivered};
 
-/// Everything a request needs, built once at start and shared by all
-/// threads.
+/// Everything a request needs, built once at start.
 pub struct Relay {
     config: Config,
     page: Page,

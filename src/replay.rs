@@ -21,9 +21,10 @@
 //! Single flight uses open-file-description byte-range locks, one byte per
 //! bucket (held while a slot is looked up or claimed, microseconds) and one
 //! per slot (held for the whole delivery), in a range past the end of the
-//! file. Those locks do not exclude threads sharing the descriptor, so the
-//! same ranges are also claimed in an in-process set with a condvar.
-//! Neither kind of lock wait can outlast the caller's deadline. An answer
+//! file. Those locks do not exclude users of the same descriptor (the
+//! event loop's connections, housekeeping), so the same ranges are also
+//! claimed in an in-process set. No lock wait can outlast the caller's
+//! deadline. An answer
 //! is final, so a replay is read under its bucket's lock alone; a seal (a
 //! checksum) in each slot tells a whole slot from one read mid-write.
 //!
@@ -42,8 +43,8 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -122,8 +123,9 @@ pub enum OpenError {
     /// relay refuses to start.
     Refused(String),
     /// The directory is fine but the table cannot be made or opened
-    /// (full disk, read-only file system): the relay runs without
-    /// duplicate protection.
+    /// (a disk too full for the whole table, a read-only file system):
+    /// the relay runs without duplicate protection, as it would if the
+    /// store broke at run time, rather than refuse every sign-up.
     Broken(io::Error),
 }
 
@@ -136,7 +138,8 @@ impl fmt::Display for OpenError {
     }
 }
 
-/// The replay store, shared by every thread of a process.
+/// The replay store: one open table per process, shared by its requests
+/// and its housekeeping.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -151,12 +154,10 @@ struct Inner {
     buckets: u64,
     salt: [u8; 16],
     ttl: Duration,
-    /// Lock bytes this process holds: OFD locks do not tell its threads apart.
+    /// Lock bytes this process holds. OFD locks do not tell apart the
+    /// users of one descriptor: the event loop's connections, each with
+    /// its own delivery, and the housekeeping thread.
     held: Mutex<HashSet<u64>>,
-    freed: Condvar,
-    /// Threads waiting on `freed`, changed only under `held`'s lock: a
-    /// wake-up is a system call, made only when someone waits.
-    waiting: AtomicUsize,
     /// This process's id, written into intents (`getpid` is not cached).
     pid: u32,
     /// Set once this process has said that `replay.table` is no longer the
@@ -386,8 +387,9 @@ pub enum Begin {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Busy {
     kind: BusyKind,
-    /// The lock byte to wait on, when there is one.
-    byte: Option<u64>,
+    /// The entry went away as it was looked at (a refused delivery left
+    /// nothing): look again without a pause.
+    again: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -415,7 +417,10 @@ impl Busy {
                 );
                 Undelivered::Bot(BotError::Unavailable(io::Error::new(
                     io::ErrorKind::WouldBlock,
-                    "every replay slot of this code's bucket was in a delivery",
+                    match self.kind {
+                        BusyKind::Bucket => "the code's bucket stayed busy",
+                        _ => "every replay slot of this code's bucket was in a delivery",
+                    },
                 )))
             }
         }
@@ -489,7 +494,7 @@ enum Attempt<'a> {
     Busy(Busy),
 }
 
-/// A lock byte held by this thread: released (and waiters woken) on drop.
+/// A lock byte held by this process for one user: released on drop.
 struct Locked<'a> {
     inner: &'a Inner,
     byte: u64,
@@ -527,16 +532,13 @@ impl Store {
                 dir.display().to_string()
             ))
         };
-        let meta = File::from(dir_fd.try_clone().map_err(OpenError::Broken)?)
-            .metadata()
-            .map_err(|e| refuse(e.to_string()))?;
+        let (owner, mode) = sys::owner_and_mode(&dir_fd).map_err(|e| refuse(e.to_string()))?;
         let uid = sys::effective_uid();
-        if meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        if owner != uid || mode & 0o077 != 0 {
             return Err(refuse(format!(
                 "it must be private to the relay's user (uid {uid}, mode 0700), \
-                 and is owned by uid {} with mode {:04o}",
-                meta.uid(),
-                meta.mode() & 0o7777
+                 and is owned by uid {owner} with mode {:04o}",
+                mode & 0o7777
             )));
         }
         // A directory with a table in it was checked when the table was
@@ -586,17 +588,16 @@ impl Store {
             Some(names.iter().any(|n| old_layout(n)))
         };
         let wanted = max_entries.div_ceil(PER_BUCKET).max(1) as u64;
-        let (file, salt, buckets) = open_table(&dir_fd, wanted).map_err(OpenError::Broken)?;
+        let (file, salt, buckets, old_gone) =
+            open_table(&dir_fd, wanted).map_err(OpenError::Broken)?;
         let old_layout_left = match listed_old {
             Some(true) => true,
             Some(false) => {
                 mark_old_layout_gone(&file);
                 false
             }
-            None => {
-                let mut gone = [0u8; 1];
-                read_at(&file, &mut gone, OLD_LAYOUT_GONE).is_err() || gone[0] != 1
-            }
+            // Read with the header, when the table was opened.
+            None => !old_gone,
         };
         if buckets != wanted {
             warn!(
@@ -616,8 +617,6 @@ impl Store {
                 salt,
                 ttl,
                 held: Mutex::new(HashSet::new()),
-                freed: Condvar::new(),
-                waiting: AtomicUsize::new(0),
                 pid: std::process::id(),
             }),
         })
@@ -652,8 +651,7 @@ impl Store {
                     if now >= deadline {
                         return Err(busy.given_up());
                     }
-                    self.inner
-                        .wait_for(busy, (now + pause).min(deadline), deadline);
+                    self.inner.wait_for(busy, (now + pause).min(deadline));
                     pause = (pause * 2).min(BUSY_PAUSE_MAX);
                 }
             }
@@ -748,16 +746,9 @@ impl Inner {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Gives up this process's claim on `byte` and wakes its waiters.
+    /// Gives up this process's claim on `byte`.
     fn release(&self, byte: u64) {
-        let waiting = {
-            let mut held = self.held_set();
-            held.remove(&byte);
-            self.waiting.load(Ordering::Relaxed)
-        };
-        if waiting > 0 {
-            self.freed.notify_all();
-        }
+        self.held_set().remove(&byte);
     }
 
     /// Takes lock byte `byte` if nobody holds it, in this process or another.
@@ -775,14 +766,12 @@ impl Inner {
     }
 
     /// Takes lock byte `byte`, waiting for it until `deadline`: `None` if
-    /// it is still held then. fcntl has no timed wait, so another
-    /// process's lock is polled.
+    /// it is still held then. fcntl has no timed wait, so the lock is
+    /// polled; the only waiter is housekeeping, for a bucket a request
+    /// holds for microseconds.
     fn lock(&self, byte: u64, deadline: Instant) -> io::Result<Option<Locked<'_>>> {
         let mut pause = Duration::from_millis(1);
         loop {
-            if !self.wait_released(self.held_set(), byte, deadline) {
-                return Ok(None);
-            }
             if let Some(locked) = self.try_lock(byte)? {
                 return Ok(Some(locked));
             }
@@ -793,30 +782,6 @@ impl Inner {
             thread::sleep(pause.min(deadline - now));
             pause = (pause * 2).min(Duration::from_millis(20));
         }
-    }
-
-    /// Waits, until `deadline` at the most, for this process to give up
-    /// lock byte `byte`: whether it did.
-    fn wait_released(
-        &self,
-        mut held: MutexGuard<'_, HashSet<u64>>,
-        byte: u64,
-        deadline: Instant,
-    ) -> bool {
-        while held.contains(&byte) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            self.waiting.fetch_add(1, Ordering::Relaxed);
-            held = self
-                .freed
-                .wait_timeout(held, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
-        }
-        true
     }
 
     fn bucket_lock(&self, bucket: u64) -> u64 {
@@ -864,7 +829,7 @@ impl Inner {
         let Some(_bucket_guard) = self.try_lock(bucket_byte)? else {
             return Ok(Attempt::Busy(Busy {
                 kind: BusyKind::Bucket,
-                byte: Some(bucket_byte),
+                again: false,
             }));
         };
         let now = now_nanos();
@@ -880,7 +845,7 @@ impl Inner {
                 let Some(guard) = self.try_lock(byte)? else {
                     return Ok(Attempt::Busy(Busy {
                         kind: BusyKind::InFlight,
-                        byte: Some(byte),
+                        again: false,
                     }));
                 };
                 let offset = self.slot_offset(bucket, i);
@@ -891,7 +856,7 @@ impl Inner {
                     // A refused delivery left nothing: look again at once.
                     return Ok(Attempt::Busy(Busy {
                         kind: BusyKind::Bucket,
-                        byte: None,
+                        again: true,
                     }));
                 }
                 let result = match verdict(&slot, now_nanos(), self.ttl, asked) {
@@ -924,24 +889,18 @@ impl Inner {
                 // for one to end.
                 Ok(Attempt::Busy(Busy {
                     kind: BusyKind::NoRoom,
-                    byte: None,
+                    again: false,
                 }))
             }
         }
     }
 
-    /// Waits, for a blocking caller, until `busy` may have passed: until
-    /// this process lets the byte go (at most until `deadline`), or, when
-    /// another process or nothing in particular holds it, until `until`.
-    fn wait_for(&self, busy: Busy, until: Instant, deadline: Instant) {
-        if let Some(byte) = busy.byte {
-            let held = self.held_set();
-            if held.contains(&byte) {
-                self.wait_released(held, byte, deadline);
-                return;
-            }
-        }
-        if busy.kind == BusyKind::Bucket && busy.byte.is_none() {
+    /// Waits, for a blocking caller, until `busy` may have passed: at
+    /// once when the entry went away as it was looked at, else until
+    /// `until`. The holder is another process (a blocking caller is its
+    /// process's only request), whose release no wake-up can tell.
+    fn wait_for(&self, busy: Busy, until: Instant) {
+        if busy.again {
             return;
         }
         thread::sleep(until.saturating_duration_since(Instant::now()));
@@ -1198,7 +1157,11 @@ fn open_dir(dir: &Path) -> Result<OwnedFd, OpenError> {
 /// Opens the table, or makes a new one when there is none or it is not
 /// whole: that with the directory locked, so that relays starting together
 /// agree on one file.
-fn open_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> {
+/// An open table: its file, salt and buckets, and whether its header
+/// says that no file of the older layout is left.
+type Opened = (File, [u8; 16], u64, bool);
+
+fn open_table(dir: &OwnedFd, buckets: u64) -> io::Result<Opened> {
     // The usual case needs no lock: a table is only ever put in place
     // whole, by a rename, so one found whole stays whole.
     if let Some(found) = whole_table(dir)? {
@@ -1228,7 +1191,7 @@ fn open_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> 
 /// whatever `REGISTER_REPLAY_MAX` asks: relays that still have it open
 /// would otherwise keep using a file no longer in the directory, and a
 /// code could reach the bot once through each table.
-fn whole_table(dir: &OwnedFd) -> io::Result<Option<(File, [u8; 16], u64)>> {
+fn whole_table(dir: &OwnedFd) -> io::Result<Option<Opened>> {
     let file = match sys::open_at(dir, TABLE.as_bytes(), false) {
         Ok(fd) => File::from(fd),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -1242,12 +1205,33 @@ fn whole_table(dir: &OwnedFd) -> io::Result<Option<(File, [u8; 16], u64)>> {
         && b > 0
         && meta.len() == table_size(b)
     {
-        return Ok(Some((file, salt, b)));
+        // A table made sparse, by a relay from before tables were
+        // reserved: reserve it now if the disk allows, else use it as is.
+        if meta.blocks().saturating_mul(512) < meta.len()
+            && let Err(e) = reserve(&file, meta.len())
+        {
+            warn!(
+                "replay store: replay.table could not be given its blocks on disk, so a full disk would turn the protection off: {e}"
+            );
+        }
+        let old_gone = header[OLD_LAYOUT_GONE as usize] == 1;
+        return Ok(Some((file, salt, b, old_gone)));
     }
     info!(
         "replay store: replay.table is not a whole table; a new one replaces it, earlier answers are not kept"
     );
     Ok(None)
+}
+
+/// Gives the table its blocks on disk. A sparse table takes a block at
+/// a bucket's first write, and on a full disk that write fails: the
+/// protection would go exactly when the disk fills. A file system that
+/// cannot reserve blocks keeps the table sparse, as before.
+fn reserve(file: &File, size: u64) -> io::Result<()> {
+    match sys::allocate(file, size) {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+        other => other,
+    }
 }
 
 fn table_size(buckets: u64) -> u64 {
@@ -1256,11 +1240,12 @@ fn table_size(buckets: u64) -> u64 {
 
 /// Makes a new table of `buckets` and renames it into place; the caller
 /// holds the directory's lock.
-fn make_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> {
+fn make_table(dir: &OwnedFd, buckets: u64) -> io::Result<Opened> {
     let size = table_size(buckets);
     let file = File::from(sys::open_at(dir, TABLE_NEW.as_bytes(), true)?);
     let made = (|| {
         file.set_len(size)?;
+        reserve(&file, size)?;
         let salt = random_salt();
         let mut header = [0u8; SWEEP_STATE + 16];
         header[..8].copy_from_slice(MAGIC);
@@ -1275,7 +1260,7 @@ fn make_table(dir: &OwnedFd, buckets: u64) -> io::Result<(File, [u8; 16], u64)> 
         Ok(salt)
     })();
     match made {
-        Ok(salt) => Ok((file, salt, buckets)),
+        Ok(salt) => Ok((file, salt, buckets, false)),
         Err(e) => {
             let _ = sys::unlink_at(dir, TABLE_NEW.as_bytes());
             Err(e)
@@ -1619,6 +1604,44 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// A made table has its blocks on disk, so no later write into it
+    /// needs space the disk may no longer have.
+    #[test]
+    fn a_made_table_has_all_its_blocks() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = temp_dir("blocks");
+        let store = open(&dir, TTL, 1000);
+        let meta = fs::metadata(dir.join("replay.table")).unwrap();
+        assert_eq!(meta.len(), table_size(125));
+        assert!(
+            meta.blocks() * 512 >= meta.len(),
+            "{} bytes allocated of {}",
+            meta.blocks() * 512,
+            meta.len()
+        );
+        // A table made sparse (by a relay from before tables were
+        // reserved) is given its blocks when a relay opens it, and kept.
+        drop(store);
+        let sparse = dir.join("sparse");
+        fs::copy(dir.join("replay.table"), &sparse).unwrap();
+        let file = fs::OpenOptions::new().write(true).open(&sparse).unwrap();
+        file.set_len(0).unwrap();
+        file.set_len(meta.len()).unwrap();
+        let mut header = fs::read(dir.join("replay.table")).unwrap();
+        header.truncate(HEADER);
+        file.write_all_at(&header, 0).unwrap();
+        assert!(file.metadata().unwrap().blocks() * 512 < meta.len());
+        fs::rename(&sparse, dir.join("replay.table")).unwrap();
+        let _again = open(&dir, TTL, 1000);
+        let meta = fs::metadata(dir.join("replay.table")).unwrap();
+        assert!(meta.blocks() * 512 >= meta.len(), "{}", meta.blocks());
+        assert_eq!(
+            fs::read(dir.join("replay.table")).unwrap()[..HEADER],
+            header[..]
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     /// The event loop's way in: nothing waits. A code in flight is busy
     /// (here and in another process), then replayed once finished; a kept
     /// failure goes to a request asked before it ended.
@@ -1749,6 +1772,9 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// Requests sharing one open table, as the event loop's connections
+    /// do, are kept apart by the in-process set of held bytes, since OFD
+    /// locks do not tell them apart; threads stand in for them here.
     #[test]
     fn concurrent_repeats_in_one_process_wait_for_the_one_in_flight() {
         let dir = temp_dir("conc");

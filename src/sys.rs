@@ -281,6 +281,15 @@ pub fn effective_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// The owner and mode of an open file, in one `fstat`.
+pub fn owner_and_mode(file: &impl AsFd) -> io::Result<(u32, u32)> {
+    // SAFETY: stat is plain data; all zeroes is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a stat buffer of the right size.
+    check(unsafe { libc::fstat(file.as_fd().as_raw_fd(), &mut st) })?;
+    Ok((st.st_uid, st.st_mode))
+}
+
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::other("a name holds a NUL byte"))
 }
@@ -334,6 +343,17 @@ pub fn open_at(dir: &impl AsFd, name: &[u8], create: bool) -> io::Result<OwnedFd
     owned(fd)
 }
 
+/// Gives the first `len` bytes of `file` their blocks on disk now, so
+/// that later writes there cannot fail for want of space. The file
+/// system does it in one call or says it cannot (`EOPNOTSUPP`): no
+/// fallback writes zeros, which would race with others writing the file.
+pub fn allocate(file: &impl AsFd, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large"))?;
+    // SAFETY: a valid descriptor; the call reads and writes no memory of ours.
+    check(unsafe { libc::fallocate(file.as_fd().as_raw_fd(), 0, 0, len) })
+}
+
 /// Renames `from` to `to`, both in `dir`.
 pub fn rename_at(dir: &impl AsFd, from: &[u8], to: &[u8]) -> io::Result<()> {
     let (from, to) = (cstring(from)?, cstring(to)?);
@@ -364,11 +384,20 @@ pub fn list_dir(dir: &impl AsFd) -> io::Result<Vec<Vec<u8>>> {
     // SAFETY: a valid DIR stream.
     unsafe { libc::rewinddir(stream) };
     let mut names = Vec::new();
-    loop {
+    let ended = loop {
+        // readdir returns NULL both at the end and on an error; only errno
+        // tells them apart, so it is cleared first.
+        // SAFETY: errno is this thread's own.
+        unsafe { *libc::__errno_location() = 0 };
         // SAFETY: a valid DIR stream, used by this thread only.
         let entry = unsafe { libc::readdir(stream) };
         if entry.is_null() {
-            break;
+            let e = io::Error::last_os_error();
+            break if e.raw_os_error() == Some(0) {
+                Ok(())
+            } else {
+                Err(e)
+            };
         }
         // SAFETY: readdir returned a valid entry whose d_name is a
         // NUL-terminated string, valid until the next readdir.
@@ -376,10 +405,11 @@ pub fn list_dir(dir: &impl AsFd) -> io::Result<Vec<Vec<u8>>> {
         if name != b"." && name != b".." {
             names.push(name.to_vec());
         }
-    }
+    };
     // SAFETY: a valid DIR stream, closed once.
     unsafe { libc::closedir(stream) };
-    Ok(names)
+    // A listing cut short is not taken for the whole directory.
+    ended.map(|()| names)
 }
 
 /// Makes the calling thread yield to the others (nice 10): for work that
@@ -562,21 +592,30 @@ pub fn install_interrupt_signal() -> io::Result<()> {
     Ok(())
 }
 
-/// A thread that [`interrupt`] can reach.
+/// A thread that [`interrupt`] can reach: its kernel id, which stays a
+/// plain number after the thread ends (unlike a `pthread_t`).
 #[derive(Clone, Copy, Debug)]
-pub struct ThreadId(libc::pthread_t);
+pub struct ThreadId(libc::pid_t);
 
 /// The calling thread.
 pub fn this_thread() -> ThreadId {
-    // SAFETY: pthread_self has no preconditions.
-    ThreadId(unsafe { libc::pthread_self() })
+    // SAFETY: gettid has no preconditions and cannot fail.
+    ThreadId(unsafe { libc::gettid() })
 }
 
-/// Sends [`interrupt_signal`] to `thread`, which must still be running
-/// (the process's main thread is, for as long as the process is).
+/// Sends [`interrupt_signal`] to `thread`. A thread that has ended makes
+/// it fail with ESRCH, which is ignored: nothing is left to interrupt.
 pub fn interrupt(thread: ThreadId) {
-    // SAFETY: the caller promises the thread is alive; a bad id only errors.
-    unsafe { libc::pthread_kill(thread.0, interrupt_signal()) };
+    // SAFETY: tgkill takes plain numbers and touches no memory of ours;
+    // limiting it to this process keeps a reused id elsewhere out of reach.
+    unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid(),
+            thread.0,
+            interrupt_signal(),
+        )
+    };
 }
 
 /// Accepts a connection on `listener`, blocking; unlike std's accept it
@@ -717,6 +756,17 @@ pub fn set_open_files_limit(soft: u64) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::fs::File;
+
+    /// A thread that has ended can still be named: the interrupt is then
+    /// a refused system call, never a look at freed thread memory.
+    #[test]
+    fn interrupting_a_thread_that_has_ended_does_nothing() {
+        install_interrupt_signal().unwrap();
+        let gone = std::thread::spawn(this_thread).join().unwrap();
+        interrupt(gone);
+        // A live one gets it, and its handler does nothing.
+        interrupt(this_thread());
+    }
 
     #[test]
     fn a_lowered_priority_is_the_calling_threads_alone() {

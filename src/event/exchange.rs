@@ -134,7 +134,15 @@ impl<S: BotSocket> Exchange<S> {
                 return Progress::Done(Err(BotError::Timeout));
             }
             if now >= self.deadline {
-                return self.end(Err(BotError::Timeout));
+                // Before a byte of the message has left, the code is still
+                // the player's to send again: not sent, not a timeout.
+                let err = match self.phase {
+                    Phase::Dial | Phase::Pause(_) | Phase::Connecting(_) => {
+                        BotError::Unavailable(bot::not_connected())
+                    }
+                    _ => BotError::Timeout,
+                };
+                return self.end(Err(err));
             }
             match std::mem::replace(&mut self.phase, Phase::Over) {
                 Phase::Over => {}
@@ -267,7 +275,8 @@ impl<S: BotSocket> Exchange<S> {
             return None;
         }
         if e.kind() == io::ErrorKind::TimedOut {
-            return Some(self.end(Err(BotError::Timeout)));
+            // The kernel gave up on the handshake: nothing was sent.
+            return Some(self.end(Err(BotError::Unavailable(e))));
         }
         if self.target + 1 < targets {
             self.target += 1;
@@ -580,9 +589,12 @@ mod tests {
                 Progress::Done(r) => break r.unwrap_err(),
             }
         };
-        // Long past the retry window, and not Unavailable: the bot is
-        // there, only busy.
-        assert!(matches!(err, BotError::Timeout), "{err:?}");
+        // Long past the retry window, the code never left: not sent, as
+        // the blocking exchange says of a backlog that stays full.
+        assert!(
+            matches!(&err, BotError::Unavailable(e) if e.kind() == io::ErrorKind::TimedOut),
+            "{err:?}"
+        );
         assert_eq!(now, t0 + Duration::from_secs(10));
         assert_eq!(waits[0], Duration::from_millis(2));
         assert!(waits.iter().all(|w| *w <= Duration::from_millis(20)));

@@ -46,7 +46,7 @@ pub fn serve_connection<S: TimedStream>(
     limits: &Limits,
 ) -> io::Result<()> {
     let mut conn = Connection::new(*limits, Instant::now());
-    let mut buf = Vec::new();
+    let mut buf = vec![0u8; READ_SIZE];
     // Socket options cost a system call each: the write bound is set only
     // when a reply does not fit at once, the read bound only when its
     // value changes (never within the same millisecond) and data is not
@@ -75,7 +75,6 @@ pub fn serve_connection<S: TimedStream>(
         }
         match step {
             Step::Read { deadline } => {
-                buf.resize(READ_SIZE, 0);
                 let got = match stream.read_now(&mut buf) {
                     Some(r) => r,
                     None => {
@@ -96,9 +95,6 @@ pub fn serve_connection<S: TimedStream>(
                 }
             }
             Step::Request(request) => {
-                // The read buffer is not held while the handler waits on
-                // the bot, which may take seconds.
-                buf = Vec::new();
                 let cgi = handler(&request).to_cgi_bytes(request.is_head());
                 conn.respond(&cgi, Instant::now());
             }

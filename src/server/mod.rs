@@ -6,7 +6,7 @@
 //!   connections in turn on the main thread ([`serve_serial`]);
 //! - `--listen` (mod_proxy_fcgi, nginx): one long-lived process serves
 //!   many connections at once on one thread, with an event loop
-//!   ([`crate::event`], through [`serve_events`]).
+//!   ([`crate::event::serve`]).
 //!
 //! With `NOTIFY_SOCKET` set, both tell the service manager ([`systemd`])
 //! when they serve, when a stop begins, and how many requests they served.
@@ -229,16 +229,4 @@ impl Waiter {
             thread::sleep(Duration::from_millis(10));
         }
     }
-}
-
-/// Serves connections concurrently on one event-loop thread until
-/// stopped, then lets requests in flight finish within
-/// [`Limits::stop_grace`].
-pub fn serve_events(
-    relay: &Relay,
-    listener: Listener,
-    limits: &Limits,
-    status: Arc<Status>,
-) -> io::Result<()> {
-    crate::event::serve(relay, listener, limits, status)
 }
