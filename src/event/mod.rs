@@ -262,7 +262,7 @@ pub fn serve(
             }
         }
         if stopping.is_none() && stop.requested() {
-            status.stop_began();
+            status.begin_stopping();
             notify.stopping();
             info!("stop requested: no new connections; finishing requests in flight");
             event_loop.stop_accepting();
@@ -397,8 +397,8 @@ struct Conn {
     /// While output waits for the peer: when it must be gone.
     write_by: Option<Instant>,
     phase: Phase,
-    /// Counted as open (served), or as one being turned away.
-    counted: Option<Registration>,
+    /// Counted among those served, not those being turned away.
+    served: bool,
     /// What its FastCGI core held when last looked at, counted in
     /// [`EventLoop::held`].
     held: usize,
@@ -559,9 +559,9 @@ impl EventLoop<'_> {
     /// Takes a new connection in: served, or turned away ([`Self::accept`]
     /// takes none past both caps).
     fn admit(&mut self, sock: Sock, now: Instant) {
-        let (phase, counted) = if self.serving < self.limits.max_conns {
+        let (phase, served) = if self.serving < self.limits.max_conns {
             self.serving += 1;
-            (Phase::Serving, Some(self.status.connection_opened()))
+            (Phase::Serving, true)
         } else {
             debug_assert!(self.turning_away < self.limits.max_turning_away);
             // Once per spell of overload, not once per connection: a flood
@@ -582,7 +582,7 @@ impl EventLoop<'_> {
                     first: [0; HEADER_LEN],
                     got: 0,
                 },
-                None,
+                false,
             )
         };
         let slot = self.free.pop().unwrap_or_else(|| {
@@ -603,7 +603,7 @@ impl EventLoop<'_> {
             sent: 0,
             write_by: None,
             phase,
-            counted,
+            served,
             held: 0,
             watched: false,
             blocked: false,
@@ -699,7 +699,7 @@ impl EventLoop<'_> {
     fn close(&mut self, slot: usize, conn: Conn, now: Instant) {
         self.held -= conn.held;
         self.timers.cancel(slot);
-        self.uncount(conn.counted.is_some());
+        self.uncount(conn.served);
         self.free.push(slot);
         // Dropped here: its sockets close (and leave the poll); a ticket
         // still held leaves its intent behind.
@@ -1035,7 +1035,7 @@ mod tests {
             sent: 0,
             write_by: None,
             phase: Phase::Serving,
-            counted: None,
+            served: false,
             held: 0,
             watched: false,
             blocked: false,

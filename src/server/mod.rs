@@ -43,9 +43,6 @@ use stop::StopSignal;
 #[derive(Debug, Default)]
 pub struct Status {
     in_flight: Arc<Counter>,
-    /// Connections being served (a request in flight, its answer being
-    /// written, or a keep-alive connection waiting for the next).
-    open: Arc<Counter>,
     served: AtomicU64,
     stopping: AtomicBool,
 }
@@ -54,11 +51,6 @@ impl Status {
     /// Requests inside the pipeline right now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.get()
-    }
-
-    /// Connections open right now.
-    pub fn open_connections(&self) -> usize {
-        self.open.get()
     }
 
     /// Requests answered by the pipeline since start.
@@ -79,7 +71,8 @@ impl Status {
         response
     }
 
-    fn begin_stopping(&self) {
+    /// Marks the stop as begun: no new connections are accepted.
+    pub(crate) fn begin_stopping(&self) {
         self.stopping.store(true, Ordering::SeqCst);
     }
 
@@ -92,16 +85,6 @@ impl Status {
     /// Counts an answered request.
     pub(crate) fn request_answered(&self) {
         self.served.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// Counts a connection open until the guard is dropped.
-    pub(crate) fn connection_opened(&self) -> Registration {
-        self.open.register()
-    }
-
-    /// Marks the stop as begun: no new connections are accepted.
-    pub(crate) fn stop_began(&self) {
-        self.begin_stopping();
     }
 }
 
@@ -140,7 +123,6 @@ pub fn serve_serial(
     let notify = systemd::notify_ready(&listening, &stop, status.clone());
     while let Some(mut stream) = next_connection(&stop, &listener, &accepting)? {
         *lock(&current) = Some(stream.as_raw_fd());
-        let _open = status.open.register();
         if let Err(e) = fastcgi::serve_connection(&mut stream, &handler, limits) {
             info!("FastCGI connection ended: {e}");
         }
