@@ -599,8 +599,12 @@ pub struct ThreadId(libc::pid_t);
 
 /// The calling thread.
 pub fn this_thread() -> ThreadId {
-    // SAFETY: gettid has no preconditions and cannot fail.
-    ThreadId(unsafe { libc::gettid() })
+    // The system call itself, not glibc's gettid(): std declares that
+    // symbol weak, and the statically linked build that ships resolved it
+    // to address 0 (as `lower_thread_priority` says).
+    // SAFETY: gettid takes no arguments, has no preconditions and cannot
+    // fail; its result is a pid_t.
+    ThreadId(unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t)
 }
 
 /// Sends [`interrupt_signal`] to `thread`. A thread that has ended makes

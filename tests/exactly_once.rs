@@ -200,12 +200,15 @@ fn concurrent_repeats_in_one_process_reach_the_bot_once() {
     let barrier = Barrier::new(N);
     let q = query("concurrent-code");
     let started = Instant::now();
+    // Connected before the threads start: one that failed to connect
+    // would leave the others waiting at the barrier for ever.
+    let conns: Vec<Conn> = (0..N).map(|_| server_ref.connect()).collect();
     let pages: Vec<HttpLike> = thread::scope(|s| {
-        let handles: Vec<_> = (0..N)
-            .map(|_| {
+        let handles: Vec<_> = conns
+            .into_iter()
+            .map(|mut conn| {
                 let (barrier, q) = (&barrier, &q);
                 s.spawn(move || {
-                    let mut conn = server_ref.connect();
                     barrier.wait();
                     let reply = fcgi_get(&mut conn, 1, q, false);
                     assert_eq!(reply.protocol_status, FCGI_REQUEST_COMPLETE);
@@ -241,13 +244,15 @@ fn concurrent_repeats_across_two_fd0_processes_reach_the_bot_once() {
     let mut servers = [Fd0Server::start(&env), Fd0Server::start(&env)];
     let q = query("two-process-code");
     let barrier = Barrier::new(servers.len());
+    // Connected before the threads start: one that failed to connect
+    // would leave the other waiting at the barrier for ever.
+    let conns: Vec<Conn> = servers.iter().map(|server| server.connect()).collect();
     let pages: Vec<HttpLike> = thread::scope(|s| {
-        let handles: Vec<_> = servers
-            .iter()
-            .map(|server| {
+        let handles: Vec<_> = conns
+            .into_iter()
+            .map(|mut conn| {
                 let (barrier, q) = (&barrier, &q);
                 s.spawn(move || {
-                    let mut conn = server.connect();
                     barrier.wait();
                     fcgi_get(&mut conn, 1, q, false).http()
                 })
