@@ -205,7 +205,7 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// The most containers and memo reads a pickle reply may make: one dict
+/// The most containers, marks and memo reads a pickle reply may make: one dict
 /// is a reply, and a few more leave room for fields the relay ignores,
 /// not for nesting deep enough to overflow the decoder's stack nor for
 /// copies that would make the decoder's work much more than the reply.
@@ -224,7 +224,7 @@ pub fn decode(wire: Wire, bytes: &[u8]) -> Result<BotReply, BotError> {
     if bytes.is_empty() {
         return Err(BotError::Closed);
     }
-    let invalid = |e: &dyn fmt::Display| BotError::Invalid(e.to_string());
+    let invalid = |e: &dyn fmt::Display| BotError::Invalid(loggable(&e.to_string()));
     match wire {
         Wire::Json => {
             // serde would also take `[true, "msg"]` for the struct; the
@@ -241,7 +241,7 @@ pub fn decode(wire: Wire, bytes: &[u8]) -> Result<BotReply, BotError> {
                 Ok(n) if n <= PICKLE_CONTAINERS => {}
                 Ok(n) => {
                     return Err(BotError::Invalid(format!(
-                        "reply makes {n} containers and memo reads (a reply is one dict)"
+                        "reply makes {n} containers, marks and memo reads (a reply is one dict)"
                     )));
                 }
                 Err(e) => return Err(BotError::Invalid(e)),
@@ -254,6 +254,34 @@ pub fn decode(wire: Wire, bytes: &[u8]) -> Result<BotReply, BotError> {
             serde_pickle::from_value(value).map_err(|e| invalid(&e))
         }
     }
+}
+
+/// At most this much of a decoder's complaint goes into the log.
+const WHY_CHARS: usize = 200;
+
+/// A decoder's complaint as one short log line: it may quote the bot's
+/// bytes, and a hostile bot must not write control characters (a `\r`
+/// and a terminal escape could paint a forged line) or a line of many
+/// kilobytes into the operator's log.
+fn loggable(why: &str) -> String {
+    let mut out = String::new();
+    let mut chars = 0;
+    for c in why.chars() {
+        if chars >= WHY_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            for e in c.escape_default() {
+                out.push(e);
+                chars += 1;
+            }
+        } else {
+            out.push(c);
+            chars += 1;
+        }
+    }
+    out
 }
 
 /// Delivers one code to the bot and returns its answer, all within
@@ -485,6 +513,26 @@ mod tests {
     use crate::outcome::Outcome;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
+
+    /// What the decoder quotes of a hostile reply reaches the log as one
+    /// short line without control characters.
+    #[test]
+    fn a_decoder_complaint_is_one_short_clean_line() {
+        let mut bytes = b"I\r\x1b[2K[2026-01-01T00:00:00Z INFO x] outcome=approved ".to_vec();
+        bytes.extend(std::iter::repeat_n(b'x', 60_000));
+        bytes.extend(b"\n.");
+        let Err(BotError::Invalid(why)) = decode(Wire::Pickle, &bytes) else {
+            panic!("a literal that is no number was read");
+        };
+        assert!(!why.chars().any(char::is_control), "{why:?}");
+        assert!(
+            why.chars().count() <= WHY_CHARS + 1,
+            "{} chars",
+            why.chars().count()
+        );
+        assert!(why.contains("\\r\\u{1b}[2K"), "{why}");
+        assert_eq!(loggable("plain"), "plain");
+    }
 
     #[test]
     fn a_failure_kind_rebuilds_its_error() {

@@ -8,7 +8,9 @@
 //!   every request in flight;
 //! - it copies a value wherever the pickle uses one twice (DUP, a memo
 //!   read, a memo write of a value already in the memo), so a list
-//!   appended to itself doubles with every two bytes of the reply.
+//!   appended to itself doubles with every two bytes of the reply;
+//! - it sets aside a new stack of 4 KiB for every MARK, so a reply of
+//!   marks alone would take a quarter of a gigabyte.
 //!
 //! The count here bounds both. Containers bound the nesting (a value can
 //! only hold containers made before it). DUP is refused, and so is a read
@@ -32,9 +34,11 @@ enum Made {
     Plain,
     /// Anything else: the top may be a value used before.
     Other,
+    /// A mark: no value, but counted as a container.
+    Mark,
 }
 
-/// How many containers, objects and memo reads the pickle in `bytes`
+/// How many containers, objects, marks and memo reads the pickle in `bytes`
 /// makes before its STOP, or why it cannot be read that far or is refused.
 pub fn containers(bytes: &[u8]) -> Result<usize, String> {
     let mut made = 0usize;
@@ -106,8 +110,13 @@ pub fn containers(bytes: &[u8]) -> Result<usize, String> {
                 }
                 continue;
             }
+            // A mark makes no value, but the decoder sets aside a new stack
+            // for it (4 KiB each): counted as a container, which also
+            // bounds it (Python writes one per list, tuple or dict it
+            // fills with more than one item).
+            b'(' => (Arg::None, Made::Mark),
             // Neither make nor copy a value.
-            b'(' | b'0' | b'1' | b'Q' | b'a' | b'b' | b'e' | b's' | b'u' | 0x90 | 0x97 | 0x98 => {
+            b'0' | b'1' | b'Q' | b'a' | b'b' | b'e' | b's' | b'u' | 0x90 | 0x97 | 0x98 => {
                 (Arg::None, Made::Other)
             }
             b'P' => (Arg::Lines(1), Made::Other),
@@ -119,10 +128,17 @@ pub fn containers(bytes: &[u8]) -> Result<usize, String> {
             0x95 => (Arg::Fixed(8), top),
             other => return Err(format!("unknown pickle opcode 0x{other:02x}")),
         };
-        if left == Made::Container {
-            made += 1;
-        }
-        top = left;
+        top = match left {
+            Made::Container => {
+                made += 1;
+                left
+            }
+            Made::Mark => {
+                made += 1;
+                Made::Other
+            }
+            _ => left,
+        };
         at = skip.past(bytes, at)?;
     }
 }
@@ -183,10 +199,11 @@ mod tests {
         b"\x80\x05\x95\x1f\x00\x00\x00\x00\x00\x00\x00}\x94(\x8c\x07success\x94\x88\x8c\x07message\x94\x8c\x02hi\x94u.",
     ];
 
+    /// One dict and the mark before its items.
     #[test]
-    fn a_reply_from_python_makes_one_container_in_every_protocol() {
+    fn a_reply_from_python_makes_one_container_and_one_mark_in_every_protocol() {
         for (protocol, bytes) in PYTHON.iter().enumerate() {
-            assert_eq!(containers(bytes), Ok(1), "protocol {protocol}");
+            assert_eq!(containers(bytes), Ok(2), "protocol {protocol}");
         }
     }
 
@@ -207,7 +224,7 @@ mod tests {
     fn a_richer_reply_from_python_is_read_in_every_protocol() {
         for (protocol, bytes) in PYTHON_RICHER.iter().enumerate() {
             let made = containers(bytes);
-            assert!(matches!(made, Ok(1..=8)), "protocol {protocol}: {made:?}");
+            assert!(matches!(made, Ok(1..=16)), "protocol {protocol}: {made:?}");
             let reply = crate::bot::decode(crate::config::Wire::Pickle, bytes);
             assert!(
                 matches!(&reply, Ok(r) if r.success && r.message == "shared message"),
@@ -250,14 +267,14 @@ mod tests {
     #[test]
     fn each_memo_read_counts() {
         // One string, memoised, then read 100 times into a list: each read
-        // is a copy of the string, so each counts.
+        // is a copy of the string, so each counts (and the list's mark).
         let mut bytes = b"\x80\x02]q\x00(X\x04\x00\x00\x00textq\x01".to_vec();
         for _ in 0..100 {
             bytes.extend(b"h\x01");
         }
         bytes.extend(b"e.");
-        assert_eq!(containers(&bytes), Ok(101));
-        assert_eq!(containers(b"(Vx\np0\ng0\ng0\nl."), Ok(3));
+        assert_eq!(containers(&bytes), Ok(102));
+        assert_eq!(containers(b"(Vx\np0\ng0\ng0\nl."), Ok(4));
     }
 
     #[test]
@@ -285,6 +302,27 @@ mod tests {
         assert_eq!(containers(text), Ok(1));
         // The count stops at STOP; what follows is the decoder's business.
         assert_eq!(containers(b"N.]]]]"), Ok(0));
+    }
+
+    /// Marks left open in front of a reply make no value, but each one
+    /// costs the decoder a stack: they count, so a reply of them is
+    /// refused, not decoded.
+    #[test]
+    fn marks_are_counted() {
+        let reply = PYTHON[2];
+        let one_dict = containers(reply).unwrap();
+        let mut marked = reply[..2].to_vec();
+        marked.extend(std::iter::repeat_n(b'(', 10));
+        marked.extend(&reply[2..]);
+        assert_eq!(containers(&marked), Ok(one_dict + 10));
+        let mut flood = b"\x80\x02".to_vec();
+        flood.extend(std::iter::repeat_n(b'(', 64 * 1024 - 16));
+        flood.extend(&reply[2..]);
+        assert!(containers(&flood).unwrap() > crate::bot::PICKLE_CONTAINERS);
+        assert!(matches!(
+            crate::bot::decode(crate::config::Wire::Pickle, &flood),
+            Err(crate::bot::BotError::Invalid(_))
+        ));
     }
 
     #[test]

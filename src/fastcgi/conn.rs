@@ -181,6 +181,13 @@ impl Connection {
         self.output.clear();
     }
 
+    /// Hands the output over, its memory with it: for a driver that keeps
+    /// output of its own while a peer is slow to read, so the core does
+    /// not also keep room for as much.
+    pub fn take_output(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.output)
+    }
+
     /// The next thing to do, having processed every whole record fed so
     /// far. `now` only decides whether waiting for more is still allowed.
     pub fn next(&mut self, now: Instant) -> Step {
